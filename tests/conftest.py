@@ -1,0 +1,26 @@
+"""Shared test helpers: where the parity fixtures live, and how tests skip without them."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("STAR_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+SPEC = SHARED / "spec"
+BPE_PATH = SHARED / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def need_shared(path: Path) -> Path:
+    """Skip the calling test when the shared fixtures are not beside this checkout."""
+    if not path.exists():
+        pytest.skip(f"{path} not found: the parity fixtures live in ../shared beside the checkout "
+                    "(set STAR_SHARED to point elsewhere)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
