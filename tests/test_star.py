@@ -1,0 +1,254 @@
+"""Tests for star.py: layouts of the released models, parity with the reference fixtures
+(teacher forcing, greedy generation, sampler head), then behaviour (batch invariance, KV cache vs
+teacher forcing, stable sampling, head training, loading errors)."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import FIXTURES, SPEC, need_shared
+from star import PRESETS, STAR, STARConfig, arccos_schedule, rope_2d, sample_tokens
+
+ATOL = 1e-4
+
+
+def fixture_config(folder):
+    """STARConfig of a fixture model, from the reference constructor arguments it was built with."""
+    kw = json.loads(need_shared(FIXTURES / folder / "config.json").read_text())["VAR_constructor_kwargs"]
+    return STARConfig(depth=kw["depth"], width=kw["embed_dim"], num_heads=kw["num_heads"],
+                      patch_nums=kw["patch_nums"], text_dim=kw["in_dim_cross"], rope_theta=kw["rope_theta"],
+                      rope_norm=kw["rope_norm"], logit_norm=kw["enable_logit_norm"],
+                      head=kw["enable_adaptive_norm"], sample_from_idx=kw["sample_from_idx"],
+                      cross_attn_mode="batch_of_one")
+
+
+def load_fixture(folder, vae=None):
+    model = STAR.from_pretrained(FIXTURES / folder / "star.pth", vae, config=fixture_config(folder))
+    inputs = torch.load(FIXTURES / folder / "inputs.pt", weights_only=True)
+    return model, inputs
+
+
+def logit_summaries(logits, target, vocab_idx):
+    return dict(cols=logits[..., vocab_idx], top2=logits.topk(2, -1).values, lse=logits.logsumexp(-1),
+                target=logits.gather(-1, target[..., None])[..., 0])
+
+
+def assert_close(actual, expected, atol=ATOL):
+    diff = (actual - expected).abs().max().item()
+    assert diff <= atol, f"max |diff| {diff:.3g} > {atol}"
+
+# ---------------------------------------------------------------- layouts of the released models
+
+
+@pytest.mark.parametrize("preset, manifest", [("star-256-d16", "star_d16_256.json"),
+                                              ("star-1024-d30", "star_d30_1024.json"),
+                                              ("star-1024-sampler", "star_d30_1024_sampler.json")])
+def test_preset_state_dict_matches_manifest(preset, manifest):
+    spec = json.loads(need_shared(SPEC / manifest).read_text())
+    with torch.device("meta"):
+        model = STAR(STARConfig.preset(preset))
+    sd = model.state_dict()
+    assert list(sd) == list(spec["params"])                              # same keys, same order
+    assert {k: list(v.shape) for k, v in sd.items()} == spec["params"]
+    assert sum(p.numel() for p in model.parameters()) == spec["total_params"]  # excludes zero_k_bias
+    assert sum(v.numel() for v in sd.values()) == spec["total_state_dict_numel"]
+    assert sorted(k for k in sd if k.endswith("zero_k_bias")) == sorted(spec["persistent_buffers"])
+
+
+def test_presets():
+    expect = {"star-256-d16": (16, 1024, 680), "star-256-d30": (30, 1920, 680), "star-512-d30": (30, 1920, 2240),
+              "star-1024-d30": (30, 1920, 9451), "star-1024-sampler": (30, 1920, 9451)}
+    for name, (depth, width, L) in expect.items():
+        c = STARConfig.preset(name)
+        assert (c.depth, c.width, c.num_heads, c.seq_len) == (depth, width, depth, L)
+        assert (c.rope_theta, c.rope_norm, c.logit_norm, c.cross_attn_mode) == (10000.0, 64.0, True, "batch_of_one")
+        assert c.head == (name == "star-1024-sampler") and c.sample_from_idx == 9
+    with pytest.raises(ValueError, match="unknown STAR preset"):
+        STARConfig.preset("star-2048")
+
+# ---------------------------------------------------------------- normalized 2D RoPE
+
+
+def test_rope_same_relative_place_same_angle_at_every_scale():
+    # Token (r, c) of a 5x5 map and token (2r, 2c) of a 9x9 map (and (4r, 4c) of 17x17) sit at the
+    # same relative place of the image: they must be rotated identically.
+    tables = {pn: rope_2d(pn, 64, 10000.0, 64.0).view(pn, pn, 32) for pn in (5, 9, 17)}
+    for r in range(5):
+        for c in range(5):
+            assert torch.allclose(tables[5][r, c], tables[9][2 * r, 2 * c], atol=1e-5)
+            assert torch.allclose(tables[5][r, c], tables[17][4 * r, 4 * c], atol=1e-5)
+    freqs = 1.0 / 10000.0 ** (torch.arange(16) * 4 / 64)
+    for pn in (2, 3, 8, 13, 64):  # every map spans [0, rope_norm]: the far corner turns by rope_norm * f
+        corner = rope_2d(pn, 64, 10000.0, 64.0)[-1]
+        assert torch.allclose(corner.angle()[:16], torch.polar(torch.ones(16), 64.0 * freqs).angle(), atol=1e-4)
+        assert torch.allclose(corner, torch.cat([corner[:16], corner[:16]]))  # row pairs = column pairs there
+    assert torch.equal(rope_2d(1, 64, 10000.0, 64.0), torch.ones(1, 32, dtype=torch.complex64))
+    plain = rope_2d(9, 64, 10000.0, 8.0)  # rope_norm = pn - 1 gives plain integer positions
+    assert torch.allclose(plain[3].angle()[:16], torch.polar(torch.ones(16), 3 * freqs).angle(), atol=1e-5)
+
+
+def test_rope_scores_depend_on_relative_offset_only():
+    from star import apply_rope
+    table = rope_2d(8, 64, 10000.0, 64.0)
+    q, k = torch.randn(1, 1, 1, 64).expand(1, 1, 64, 64), torch.randn(1, 1, 1, 64).expand(1, 1, 64, 64)
+    s = (apply_rope(q, table) @ apply_rope(k, table).transpose(-1, -2))[0, 0]  # (64, 64) scores
+    # tokens (0,0)->(1,2) and (3,3)->(4,5): same offset, same score
+    assert torch.allclose(s[0 * 8 + 0, 1 * 8 + 2], s[3 * 8 + 3, 4 * 8 + 5], atol=1e-4)
+
+# ---------------------------------------------------------------- teacher forcing vs the reference
+
+
+def test_teacher_forcing_matches_batch_of_one_fixture():
+    model, inp = load_fixture("star")
+    exp = torch.load(FIXTURES / "star" / "expected_b1.pt", weights_only=True)
+    target = torch.cat(inp["gt_idx_Bl"], 1)
+    with torch.no_grad():
+        logits, loss, hidden = model(inp["x_BLCv_wo_first_l"], inp["encoder_hidden_states"][:2],
+                                     inp["encoder_attention_mask"][:2], inp["encoder_pool_feat"][:2],
+                                     target, return_hidden=True)
+    assert_close(hidden, exp["tf_b1_hidden_BLC"])
+    got = logit_summaries(logits, target, exp["vocab_idx"])
+    assert_close(got["cols"], exp["tf_b1_logits_BLv"])
+    assert_close(got["top2"], exp["tf_b1_logits_top2"])
+    assert_close(got["lse"], exp["tf_b1_logsumexp_BL"])
+    assert_close(got["target"], exp["tf_b1_target_logit_BL"])
+    assert abs(loss.item() - (exp["tf_b1_logsumexp_BL"] - exp["tf_b1_target_logit_BL"]).mean().item()) < ATOL
+
+
+def test_teacher_forcing_is_per_sample():
+    model, inp = load_fixture("star")
+    args = [inp["x_BLCv_wo_first_l"], inp["encoder_hidden_states"][:2], inp["encoder_attention_mask"][:2],
+            inp["encoder_pool_feat"][:2]]
+    with torch.no_grad():
+        both, _ = model(*args)
+        alone = torch.cat([model(*[a[i:i + 1] for a in args])[0] for i in range(2)])
+        changed = args[1].clone()
+        changed[1] += 1.0  # another sample's text must not leak into sample 0 (reference quirk Q1)
+        other, _ = model(args[0], changed, *args[2:])
+    assert_close(both, alone)
+    assert torch.equal(other[0], both[0]) and not torch.allclose(other[1], both[1])
+
+
+def test_wrong_text_width_is_a_clear_error():
+    model, inp = load_fixture("star")
+    with pytest.raises(ValueError, match="text_dim=16"):
+        model(inp["x_BLCv_wo_first_l"], torch.zeros(2, 77, 1024), inp["encoder_attention_mask"][:2],
+              torch.zeros(2, 1024))
+
+# ---------------------------------------------------------------- loading
+
+
+def test_loading_layouts_and_errors(tmp_path, monkeypatch):
+    path = need_shared(FIXTURES / "star" / "star.pth")
+    config = fixture_config("star")
+    sd = torch.load(path, weights_only=True)["trainer"]["var_wo_ddp"]
+    ref = STAR.from_pretrained(path, config=config).state_dict()
+    # a bare state dict, without the all-zero buffers
+    torch.save({k: v for k, v in sd.items() if not k.endswith("zero_k_bias")}, tmp_path / "bare.pth")
+    bare = STAR.from_pretrained(tmp_path / "bare.pth", config=config).state_dict()
+    assert all(torch.equal(bare[k], ref[k]) for k in ref)
+    # our own layout carries its config
+    from dataclasses import asdict
+    torch.save({"config": asdict(config), "model": sd}, tmp_path / "own.pth")
+    own = STAR.from_pretrained(tmp_path / "own.pth")
+    assert own.config == config and all(torch.equal(own.state_dict()[k], ref[k]) for k in ref)
+    # a wrong preset names the first misshapen key and the preset that would fit
+    monkeypatch.setitem(PRESETS, "tiny-fixture", config)
+    with pytest.raises(ValueError, match=r"'pos_start' has shape \[1, 1, 128\].*presets that fit: \['tiny-fixture'\]"):
+        STAR.from_pretrained(path, preset="star-256-d16")
+    assert STAR.from_pretrained(path).config == config  # the one fitting preset is found
+    # a missing key is named
+    torch.save({k: v for k, v in sd.items() if k != "word_embed.bias"}, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="missing keys \\['word_embed.bias'\\]"):
+        STAR.from_pretrained(tmp_path / "missing.pth", config=config)
+    # other models' files
+    with pytest.raises(ValueError, match="VQ-VAE checkpoint"):
+        STAR.from_pretrained(need_shared(FIXTURES / "vqvae" / "vae.pth"))
+    with pytest.raises(ValueError, match="CLIP text encoder"):
+        STAR.from_pretrained(need_shared(FIXTURES / "clip_text" / "pytorch_model.bin"))
+    with pytest.raises(FileNotFoundError):
+        STAR.from_pretrained(tmp_path / "nope.pth")
+
+# ---------------------------------------------------------------- sampling helper
+
+
+def test_sample_tokens_filters():
+    logits = torch.tensor([[[3.0, 2.0, 1.0, 0.0, -1.0]]]).expand(1, 2000, 5)
+    g = torch.Generator().manual_seed(0)
+    idx, _ = sample_tokens(logits, top_k=2, top_p=0.0, generator=g)
+    assert set(idx.unique().tolist()) == {0, 1}
+    probs = logits[0, 0].softmax(-1)  # 0.636, 0.234, 0.086, ... : top_p 0.8 keeps the first two
+    idx, conf = sample_tokens(logits, top_k=0, top_p=0.8, generator=g)
+    assert set(idx.unique().tolist()) == {0, 1}
+    assert torch.allclose(conf[idx == 0], probs[0] / probs[:2].sum())
+    idx, _ = sample_tokens(logits, top_k=1, top_p=0.0, generator=g)
+    assert (idx == 0).all()
+    a = sample_tokens(logits, 0, 0.0, torch.Generator().manual_seed(3))[0]
+    b = sample_tokens(logits, 0, 0.0, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(a, b) and len(a.unique()) == 5
+
+# ---------------------------------------------------------------- sampler head vs the reference
+
+
+SPEC_COUNTS = {  # spec c.2
+    (8, 21): [1, 31, 44, 55, 65, 74, 82, 89], (8, 27): [1, 51, 74, 91, 107, 122, 135, 148],
+    (8, 36): [1, 91, 131, 162, 190, 216, 241, 264], (8, 48): [1, 162, 232, 289, 338, 384, 428, 470],
+    (8, 64): [1, 288, 413, 513, 601, 683, 761, 836], (8, 16): [1, 18, 26, 32, 38, 43, 48, 50],
+    (15, 64): [1, 106, 151, 186, 216, 243, 268, 292, 314, 336, 357, 377, 397, 417, 435]}
+
+
+def test_arccos_schedule_counts():
+    counts = json.loads(need_shared(FIXTURES / "star_head" / "schedule.json").read_text())["counts"]
+    for steps, per_pn in counts.items():
+        for pn, n in per_pn.items():
+            assert arccos_schedule(int(steps), int(pn)) == n, (steps, pn)
+    for (steps, pn), n in SPEC_COUNTS.items():
+        assert arccos_schedule(steps, pn) == n and sum(n) == pn * pn
+
+
+def test_head_training_form_matches_fixture():
+    model, inp = load_fixture("star_head")
+    exp = torch.load(FIXTURES / "star_head" / "expected.pt", weights_only=True)
+    begin = model.begin_ends[model.config.sample_from_idx][0]
+    with torch.no_grad():
+        trunk = model.hidden_states(inp["x_BLCv_wo_first_l"], inp["encoder_hidden_states"][:2],
+                                    inp["encoder_attention_mask"][:2], inp["encoder_pool_feat"][:2])
+        e = inp["train_embed_Cvae"] * inp["train_visible_mask"][..., None]
+        logits, head_hidden = model.head_forward(trunk[:, begin:], e, inp["encoder_pool_feat"][:2],
+                                                 return_hidden=True)
+    assert_close(trunk, exp["train_trunk_hidden_BLC"])
+    assert_close(head_hidden, exp["train_head_hidden_BLC"])
+    got = logit_summaries(logits, torch.cat(inp["gt_idx_Bl"], 1)[:, begin:], exp["vocab_idx"])
+    assert_close(got["cols"], exp["train_logits_BLv"])
+    assert_close(got["top2"], exp["train_logits_top2"])
+    assert_close(got["lse"], exp["train_logsumexp_BL"])
+    assert_close(got["target"], exp["train_target_logit_BL"])
+
+
+def test_head_inference_form_matches_fixture_and_is_batch_invariant():
+    model, inp = load_fixture("star_head")
+    exp = torch.load(FIXTURES / "star_head" / "expected.pt", weights_only=True)
+    cfg = json.loads((FIXTURES / "star_head" / "config.json").read_text())["fixtures"]["cfg"]
+    pooled = inp["encoder_pool_feat"]  # rows [cond_0, cond_1, uncond_0, uncond_1]
+    for j, si in enumerate(exp["head_scales"].tolist()):
+        x = inp["infer_x_BlC"][j]                                   # (prompt, [cond, uncond], l, C)
+        e = inp["infer_h_acc_BlCv"][j] * inp["infer_committed_Bl"][j][..., None]
+        with torch.no_grad():
+            logits, hidden = model.head_forward(torch.cat([x[:, 0], x[:, 1]]), e.repeat(2, 1, 1), pooled,
+                                                si=si, return_hidden=True)
+            alone = [model.head_forward(x[i], e[i:i + 1].repeat(2, 1, 1), pooled[[i, 2 + i]], si=si)
+                     for i in range(2)]
+        guided = (1 + cfg) * logits[:2] - cfg * logits[2:]
+        got = logit_summaries(guided, exp["trunk_cfg_idx_Bl"][si], exp["vocab_idx"])
+        assert_close(got["cols"], exp["infer_logits_Blv"][j])
+        assert_close(got["top2"], exp["infer_logits_top2"][j])
+        assert_close(got["lse"], exp["infer_logsumexp_Bl"][j])
+        assert_close(got["target"], exp["infer_target_logit_Bl"][j])
+        assert torch.equal(guided.argmax(-1), exp["infer_argmax_Bl"][j])
+        assert_close(torch.stack([hidden[:2], hidden[2:]], 1), exp["infer_head_hidden"][j])
+        raw = torch.stack([logits[:2], logits[2:]], 1)
+        assert_close(raw.topk(2, -1).values, exp["infer_raw_logits_top2"][j])
+        assert_close(raw.logsumexp(-1), exp["infer_raw_logsumexp"][j])
+        for i in range(2):  # the head works row by row
+            assert_close(alone[i], logits[[i, 2 + i]], atol=1e-5)
