@@ -12,7 +12,7 @@ bundled demo model stores it in its checkpoint, so it needs no vocabulary file).
 Hugging Face `CLIPTextModel` folder (config.json + model.safetensors or pytorch_model.bin), e.g. SD-2.1's
 `text_encoder/`. train.py and sample.py build both halves and hand the outputs to star.py.
 
-    python -c "from clip_text import Tokenizer; print(Tokenizer.from_file('bpe_simple_vocab_16e6.txt.gz').encode('a red circle'))"
+    python -c "import clip_text; print(clip_text.Tokenizer.from_file('bpe_simple_vocab_16e6.txt.gz')('a cat'))"
     python -m pytest -q tests/test_clip_text.py
 """
 import gzip
@@ -98,6 +98,9 @@ class Tokenizer:
     Every vocabulary built here is laid out like CLIP's: 256 byte symbols, their 256 word-final
     variants, one token per merge, then <|startoftext|> and <|endoftext|> as the last two ids.
     EOT being the largest id is what lets the text encoder pool at argmax(ids) for any vocabulary.
+    This follows OpenAI's tokenizer, which the fixtures use as reference. (Hugging Face's CLIPTokenizer
+    with SD-2.1's files differs on '!': it registers '!' as the padding token and splits every '!' of a
+    prompt out as id 0, where OpenAI's BPE merges it like any other symbol.)
     """
 
     def __init__(self, vocab: list[str], merges: list[tuple[str, str]]):
@@ -212,10 +215,12 @@ class Tokenizer:
             for pair in zip(symbols, symbols[1:]):
                 pair_counts[pair] += freqs[w]
                 where[pair].add(w)
-        merges, tokens = [], set(cls.vocab_from_merges([]))
+        merges, learned, tokens = [], set(), set(cls.vocab_from_merges([]))
         while len(tokens) < vocab_size and pair_counts:
             best = max(pair_counts, key=lambda p: (pair_counts[p], p))
-            merges.append(best)
+            if best not in learned:  # a pair can reappear when another merge rebuilds one of its symbols
+                merges.append(best)
+                learned.add(best)
             tokens.add(best[0] + best[1])  # a new token, unless another merge already spelled the same string
             for w in where.pop(best):
                 old, new = words[w], merge_pair(words[w], best)
@@ -325,6 +330,8 @@ class TextConfig:
             self.intermediate = 4 * self.width
         if self.act not in ("gelu", "quick_gelu"):
             raise ValueError(f"act={self.act!r} is not supported: use 'gelu' or 'quick_gelu'")
+        if self.layers < 1:
+            raise ValueError(f"layers={self.layers}: the text encoder needs at least one layer")
         if self.width % self.heads:
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
 
@@ -437,10 +444,10 @@ class TextEncoder(nn.Module):
             allowed_B1TT = allowed_B1TT & mask_BT.bool()[:, None, None, :]
         bias_B1TT = torch.zeros(allowed_B1TT.shape, dtype=x_BTC.dtype, device=x_BTC.device)
         bias_B1TT = bias_B1TT.masked_fill(~allowed_B1TT, torch.finfo(x_BTC.dtype).min)
-        penultimate_BTC = x_BTC
-        for block in self.encoder.layers:
-            penultimate_BTC = x_BTC
+        for block in self.encoder.layers[:-1]:
             x_BTC = block(x_BTC, bias_B1TT)
+        penultimate_BTC = x_BTC  # (B, T, C), the input of the last layer
+        x_BTC = self.encoder.layers[-1](x_BTC, bias_B1TT)
         hidden_BTC = self.final_layer_norm(x_BTC)
         pooled_BC = hidden_BTC[torch.arange(B, device=ids_BT.device), ids_BT.argmax(dim=-1)]
         if return_penultimate:
@@ -474,7 +481,8 @@ class TextEncoder(nn.Module):
         own = model.state_dict()
         missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         if missing or unexpected:
-            raise ValueError(f"{weights} does not match {config_path}: missing keys {missing[:4]}"
+            raise ValueError(f"{weights} does not match {config_path} (keys named without 'text_model.'): "
+                             f"missing keys {missing[:4]}"
                              f"{' ...' if len(missing) > 4 else ''} ({len(missing)}), unexpected keys "
                              f"{unexpected[:4]}{' ...' if len(unexpected) > 4 else ''} ({len(unexpected)})")
         for k, v in own.items():
@@ -509,9 +517,10 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
-        count = (end - begin) // dtype.itemsize
-        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])  # assumes a little-endian machine, like every common CPU
+        count, offset = (end - begin) // dtype.itemsize, 8 + n + begin
+        # frombuffer shares `data` (no copy) and reads native byte order: little-endian, like every common CPU
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(info["shape"])
     return tensors
 
 

@@ -33,7 +33,8 @@ def shapes_captions(n, seed=0):
     """Captions in the style of the demo's shapes world (plus a few non-ASCII ones)."""
     rng = random.Random(seed)
     sizes, colours = ["small", "large", "tiny", "big"], ["red", "green", "blue", "yellow", "purple", "orange"]
-    shapes, places = ["circle", "square", "triangle", "star"], ["on the left", "on the right", "at the top", "in the middle"]
+    shapes = ["circle", "square", "triangle", "star"]
+    places = ["on the left", "on the right", "at the top", "in the middle"]
     caps = []
     for i in range(n):
         cap = f"a {rng.choice(sizes)} {rng.choice(colours)} {rng.choice(shapes)} {rng.choice(places)}"
@@ -135,8 +136,10 @@ def test_keys_without_prefix_and_stray_position_ids_load(clip_io, tmp_path):
     state = load_torch_state(need_shared(CLIP_DIR / "pytorch_model.bin"))
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    torch.save(state, tmp_path / "pytorch_model.bin")
-    shutil.copy(CLIP_DIR / "config.json", tmp_path / "config.json")
+    folder = tmp_path / "text_encoder"  # a Stable Diffusion layout: the root holds text_encoder/
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    shutil.copy(CLIP_DIR / "config.json", folder / "config.json")
     check_against_expected(TextEncoder.from_pretrained(tmp_path), *clip_io)
 
 
@@ -179,7 +182,8 @@ def test_truncation_warns_with_prompt_and_limit(clip_tok):
 def test_awkward_inputs_tokenize(clip_tok):
     rng = random.Random(1)
     texts = ["", "   \n\t  \r\n ", "\x00\x01\x07\x1b[31mred\x1b[0m\x7f\x9b", "🐱👍🏽🇯🇵 👨‍👩‍👧 ❤️",
-             "Zürich 東京 Москва القاهرة मुंबई Αθήνα 서울", "<|endoftext|> <|STARTOFTEXT|>", "\ufeff\u200b\u00a0\u3000x",
+             "Zürich 東京 Москва القاهرة मुंबई Αθήνα 서울", "<|endoftext|> <|STARTOFTEXT|>",
+             "\ufeff\u200b\u00a0\u3000x",
              " ".join(rng.choice(["red", "circle", "東京", "🐱", "left,", "it's"]) for _ in range(3000))[:10000],
              "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(10000))]
     with warnings.catch_warnings():
@@ -199,7 +203,7 @@ def random_unicode(rng):
              lambda: chr(rng.randint(0, 0xFFFF)),  # any BMP code point, lone surrogates included
              lambda: chr(rng.randint(0x1F300, 0x1FAFF)), lambda: chr(rng.randint(0x10000, 0x10FFFF)),
              lambda: rng.choice([" ", "\t", "\n", "\r\n", "\u00a0", "\u2003", "\u3000", "\x85", "\u2028", "\x1c"]),
-             lambda: rng.choice(["&amp;", "&lt;b&gt;", "&#39;", "&amp;quot;", "Ã©", "â€™", "ﬁ", "！", SOT, EOT, "'s"])]
+             lambda: rng.choice(["&amp;", "&lt;b&gt;", "&#39;", "&amp;quot;", "Ã©", "â€™", "ﬁ", "！", "'s", SOT, EOT])]
     weights = [8, 1, 2, 2, 1, 1, 3, 1]
     return "".join(rng.choices(pools, weights)[0]() for _ in range(rng.randint(0, 30)))
 
@@ -215,6 +219,12 @@ def test_fuzz_random_unicode_round_trips(clip_tok):
         assert decoded.replace(" ", "") == clean_text(text).replace(" ", ""), repr(text)
     ids, mask = clip_tok(texts)
     assert ids.shape == (2000, 77) and bool((ids[mask == 0] == 0).all())
+
+
+def test_clean_text():
+    assert clean_text("  A  Red\tCAR\n\n&amp;amp; <b>SHEEP</b>  ") == "a red car & <b>sheep</b>"  # HTML unescaped twice
+    assert clean_text("cafÃ© \u201cquoted\u201d\x00") == 'café "quoted"'  # ftfy repairs mojibake and quotes
+    assert clean_text("\u3000\xa0 \r\n") == ""
 
 
 def test_decode_rejects_unknown_ids(clip_tok):
@@ -342,7 +352,7 @@ def test_encoder_loading_errors(tmp_path):
         TextEncoder.from_pretrained(folder)
     state = load_torch_state(CLIP_DIR / "pytorch_model.bin")
     del state["text_model.final_layer_norm.bias"]
-    with pytest.raises(ValueError, match=r"pytorch_model.bin does not match .*config.json: missing keys "
+    with pytest.raises(ValueError, match=r"pytorch_model.bin does not match .*config.json \(keys named without 'text_model.'\): missing keys "
                                          r"\['final_layer_norm.bias'\]"):
         TextEncoder.from_pretrained(encoder_folder(tmp_path, state))
     state = {**load_torch_state(CLIP_DIR / "pytorch_model.bin"), "text_model.extra.weight": torch.zeros(1)}
