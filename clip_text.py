@@ -35,7 +35,7 @@ import torch.nn.functional as F
 # The BPE tokenizer
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-END_OF_WORD = "</w>"  # glued to the last symbol of every word, so "a" inside a word and "a" alone differ
+END_OF_WORD = "</w>"  # glued to a word's last symbol: the "s" ending "cats" is not the "s" inside "cast"
 # OpenAI's vocabulary file holds 262,144 merges, CLIP uses the first 48,894 of them:
 # 256 byte symbols + 256 word-final byte symbols + 48,894 merges + SOT + EOT = 49,408 ids.
 CLIP_NUM_MERGES = 49152 - 256 - 2
