@@ -13,6 +13,15 @@ from star import PRESETS, STAR, STARConfig, arccos_schedule, rope_2d, sample_tok
 ATOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster (and the fixtures were made with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fixture_config(folder):
     """STARConfig of a fixture model, from the reference constructor arguments it was built with."""
     kw = json.loads(need_shared(FIXTURES / folder / "config.json").read_text())["VAR_constructor_kwargs"]
@@ -252,3 +261,141 @@ def test_head_inference_form_matches_fixture_and_is_batch_invariant():
         assert_close(raw.logsumexp(-1), exp["infer_raw_logsumexp"][j])
         for i in range(2):  # the head works row by row
             assert_close(alone[i], logits[[i, 2 + i]], atol=1e-5)
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.fixture(scope="module")
+def vae():
+    from tokenizer import VQVAE
+    kw = json.loads(need_shared(FIXTURES / "star" / "config.json").read_text())["VAR_constructor_kwargs"]
+    return VQVAE.from_pretrained(FIXTURES / "vqvae" / "vae.pth", patch_nums=kw["patch_nums"]).eval()
+
+
+def text_args(inp, rows=(0, 1)):
+    """(prompt hidden, mask, pooled) of the given prompts, then the empty prompt's (row 2)."""
+    h, m, p = inp["encoder_hidden_states"], inp["encoder_attention_mask"], inp["encoder_pool_feat"]
+    rows = list(rows)
+    return h[rows], m[rows], p[rows], h[2:3], m[2:3], p[2:3]
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+def test_greedy_generation_matches_batch_of_one_fixture(vae, cfg):
+    model, inp = load_fixture("star", vae)
+    exp = torch.load(FIXTURES / "star" / "expected_b1.pt", weights_only=True)
+    tag = f"ar_b1_cfg{int(cfg)}"
+    img, idx = model.generate(*text_args(inp), cfg=cfg, top_k=1, top_p=0.0, return_indices=True)
+    for si, (got, want) in enumerate(zip(idx, exp[f"{tag}_idx_Bl"])):
+        assert torch.equal(got, want), f"scale {si}"
+    assert_close(img, exp[f"{tag}_img"], atol=1e-3)  # the reference returns (x + 1) / 2 in [0, 1]
+    # batch invariance: each prompt alone gives the same tokens and images as the batch of two
+    for i in range(2):
+        img_i, idx_i = model.generate(*text_args(inp, rows=[i]), cfg=cfg, top_k=1, top_p=0.0, return_indices=True)
+        assert all(torch.equal(a, b[i:i + 1]) for a, b in zip(idx_i, idx))
+        assert_close(img_i, img[i:i + 1], atol=1e-5)
+
+
+def test_kv_cached_generation_agrees_with_teacher_forcing(vae, monkeypatch):
+    model, inp = load_fixture("star", vae)
+    seen = []
+    logits_fn = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: seen.append(logits_fn(h)) or seen[-1])
+    _, idx = model.generate(*text_args(inp), cfg=3.0, top_k=20, top_p=0.9,
+                            generator=torch.Generator().manual_seed(5), return_indices=True)
+    monkeypatch.undo()
+    with torch.no_grad():  # the same tokens, all scales at once, conditional rows
+        tf, _ = model(vae.idx_to_var_input(idx), *text_args(inp)[:3])
+    for si, (begin, end) in enumerate(model.begin_ends):
+        assert_close(seen[si][:2], tf[:, begin:end])
+
+
+def test_sampling_is_seeded_and_returns_scales(vae):
+    model, inp = load_fixture("star", vae)
+    kw = dict(cfg=4.0, top_k=50, top_p=0.95, return_indices=True)
+    _, a = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(1), **kw)
+    _, b = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(1), **kw)
+    _, c = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(2), **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    img, idx, scales = model.generate(*text_args(inp, rows=[0]), top_k=1, images_per_prompt=2,
+                                      return_indices=True, return_scales=True)
+    assert img.shape == (2, 3, 128, 128) and 0 <= img.min() and img.max() <= 1
+    assert len(scales) == len(idx) == 7 and torch.equal(scales[-1], img)
+    assert torch.equal(idx[-1][0], idx[-1][1])  # greedy: both images of the prompt agree
+    with pytest.raises(ValueError, match="text_dim=16"):
+        model.generate(torch.zeros(1, 77, 8), torch.ones(1, 77), torch.zeros(1, 8), *text_args(inp)[3:])
+    with pytest.raises(ValueError, match="sampler head"):
+        model.generate(*text_args(inp), stable=True)
+
+
+def test_per_row_cross_attention_uses_the_empty_prompt(vae):
+    model, inp = load_fixture("star", vae)
+    h, m, p, eh, em, ep = text_args(inp)
+    other = eh + 1.0  # change only the empty prompt's states (its pooled feature is kept)
+    kw = dict(cfg=4.0, top_k=1, return_indices=True)
+    same = [model.generate(h, m, p, e, em, ep, **kw)[1] for e in (eh, other)]
+    assert all(torch.equal(x, y) for x, y in zip(*same))  # batch_of_one: empty prompt enters via pooled only
+    model.config.cross_attn_mode = "per_row"
+    diff = [model.generate(h, m, p, e, em, ep, **kw)[1] for e in (eh, other)]
+    assert not all(torch.equal(x, y) for x, y in zip(*diff))
+    alone = model.generate(h[1:], m[1:], p[1:], eh, em, ep, **kw)[1]
+    assert all(torch.equal(x[1:], y) for x, y in zip(diff[0], alone))
+
+# ---------------------------------------------------------------- stable sampling and head training
+
+
+def test_stable_generation_is_seeded_and_commits_every_position_once(vae, monkeypatch):
+    import star
+    model, inp = load_fixture("star_head", vae)
+    steps = {}  # map size l -> commit_step (B, l) after every commit pass, for one generation
+    commit_fn = star.commit
+
+    def checked_commit(idx_Bl, step_Bl, new_idx, conf, n, s):
+        before_idx, before_step = idx_Bl.clone(), step_Bl.clone()
+        commit_fn(idx_Bl, step_Bl, new_idx, conf, n, s)
+        done = before_step >= 0  # positions committed earlier keep their token and their step
+        assert torch.equal(idx_Bl[done], before_idx[done]) and torch.equal(step_Bl[done], before_step[done])
+        steps.setdefault(step_Bl.shape[1], []).append(step_Bl.clone())
+
+    kw = dict(cfg=4.0, top_k=50, top_p=0.9, return_indices=True)
+    monkeypatch.setattr(star, "commit", checked_commit)
+    _, a = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(7), **kw)
+    monkeypatch.undo()
+    assert sorted(steps) == [25, 36, 64]  # the head's scales 4, 5, 6 (pn 5, 6, 8)
+    for l, passes in steps.items():
+        assert (passes[-1] >= 0).all()    # every position committed by the end of its scale
+    # scales before the last: 8 steps, the 5 trunk steps commit in two passes; the last: 15 single passes
+    assert len(steps[25]) == len(steps[36]) == 5 * 2 + 3 and len(steps[64]) == 15
+    assert torch.bincount(steps[64][-1][0], minlength=15).tolist() == arccos_schedule(15, 8)
+    _, b = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(7), **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # same seed, same tokens
+    _, plain = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(7), stable=False, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a[:4], plain[:4]))  # before sample_from_idx: one path
+    assert not all(torch.equal(x, y) for x, y in zip(a[4:], plain[4:]))
+
+
+def test_head_loss_falls_with_a_frozen_trunk():
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    config = STARConfig(depth=2, width=64, num_heads=1, patch_nums=(1, 2, 3, 4), vocab_size=64, vae_dim=8,
+                        text_dim=16, head=True, sample_from_idx=2, class_emb=False)
+    codebook = torch.nn.Embedding(64, 8)
+    model = STAR(config, SimpleNamespace(quantize=SimpleNamespace(embedding=codebook)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.head_parameters():
+        p.requires_grad_(True)
+    B, L = 4, config.seq_len
+    x, targets = torch.randn(B, L - 1, 8), torch.randint(0, 64, (B, L))
+    text = (torch.randn(B, 5, 16), torch.ones(B, 5), torch.randn(B, 16))
+    opt = torch.optim.AdamW(model.head_parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss = model.head_loss(x, *text, targets, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(("blocks.", "head_logits.")))
