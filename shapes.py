@@ -16,6 +16,7 @@ model's prompt-following is a number: `eval` generates images for held-out capti
   python shapes.py eval --ckpt checkpoints/shapes.pt --n 300  # accuracy of a trained model
 """
 import argparse
+import copy
 import io
 import math
 import random
@@ -126,6 +127,8 @@ _Y, _X = np.mgrid[0:RESOLUTION, 0:RESOLUTION] + 0.5     # (64, 64) pixel-centre 
 def shape_mask(shape, cx, cy, side):
     """(64, 64) bool: the pixels of a shape whose bounding box has this centre and side."""
     h = side / 2
+    if side % 2:                                # odd sides centre on a pixel centre, so the shape is symmetric
+        cx, cy = cx + 0.5, cy + 0.5
     dx, dy = _X - cx, _Y - cy
     box = (dx >= -h) & (dx < h) & (dy >= -h) & (dy < h)     # half-open: exactly `side` pixels a side
     if shape == "square":
@@ -162,8 +165,8 @@ def sample_batch(batch_size, seed_or_rng):
     return x_BCHW, [caption(s) for s in scenes]
 
 
-def heldout_captions(n, seed=0):
-    """n evaluation captions, alternating one-object and two-object (so half each, the first is one-object).
+def heldout_scenes(n, seed=0):
+    """n evaluation scenes, alternating one-object and two-object (so half each, the first is one-object).
 
     They come from a seed stream of their own, np.random.default_rng([HELDOUT_STREAM, seed]), apart from
     train.py's [seed, step, rank] streams. The grammar has only a few thousand distinct captions, so their
@@ -171,7 +174,12 @@ def heldout_captions(n, seed=0):
     generalisation to unseen phrases.
     """
     rng = np.random.default_rng([HELDOUT_STREAM, seed])
-    return [caption(random_scene(rng, n_objects=1 + i % 2)) for i in range(n)]
+    return [random_scene(rng, n_objects=1 + i % 2) for i in range(n)]
+
+
+def heldout_captions(n, seed=0):
+    """The captions of heldout_scenes(n, seed): the prompts `eval` generates images for."""
+    return [caption(s) for s in heldout_scenes(n, seed)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,9 +376,13 @@ def judge(caption_text, image):
 # ---------------------------------------------------------------------------------------------------
 # Checking the judge: mild degradations like a trained VQ-VAE's soft decodes.
 
-def degrade(image, rng, blur=3, noise=4.0, shift=8.0, jpeg_quality=75):
-    """A (64, 64, 3) uint8 image blurred (blur x blur box filter), noised (gaussian, std `noise`), colour
-    shifted (a uniform per-channel offset in [-shift, shift]) and JPEG-compressed; 0/None turns a step off."""
+def degrade(image, rng, blur=3, noise=4.0, shift=8.0, jpeg_quality=75, soften=None):
+    """A (64, 64, 3) uint8 image softened (resized to soften x soften and back, bicubic), blurred (blur x blur
+    box filter), noised (gaussian, std `noise`), colour shifted (a uniform per-channel offset in
+    [-shift, shift]) and JPEG-compressed; 0/None turns a step off."""
+    if soften:
+        small = Image.fromarray(image).resize((soften, soften), Image.BOX)
+        image = np.asarray(small.resize((RESOLUTION, RESOLUTION), Image.BICUBIC))
     x = image.astype(np.float32)
     if blur and blur > 1:
         p = blur // 2
@@ -388,8 +400,38 @@ def degrade(image, rng, blur=3, noise=4.0, shift=8.0, jpeg_quality=75):
     return x
 
 
+def vary(scene, attribute, rng):
+    """A copy of the scene with one attribute its caption names changed: colour, shape, size, position,
+    relation (the two objects swap places) or background. Its render must fail that check of the judge."""
+    randint, _ = _draws(rng)
+    s = copy.deepcopy(scene)
+    o = s.objects[0]
+    other = lambda options, *used: [x for x in options if x not in used][randint(0, len(options) - len(used) - 1)]
+    if attribute == "colour":
+        o.colour = other(list(COLOURS), *(b.colour for b in s.objects))
+    elif attribute == "shape":
+        o.shape = other(SHAPES, o.shape)
+    elif attribute == "size" and len(s.objects) == 1:
+        new = other(list(SIZES), o.size)
+        o.side += SIZES[new] - SIZES[o.size]
+        o.size = new
+    elif attribute == "position" and len(s.objects) == 1:
+        s.where = other(list(POSITIONS), s.where)
+        x, y = POSITIONS[s.where]
+        o.cx, o.cy = (x if x is not None else 32), (y if y is not None else 32)
+    elif attribute == "relation" and len(s.objects) == 2:
+        a, b = s.objects
+        (a.cx, a.cy), (b.cx, b.cy) = (b.cx, b.cy), (a.cx, a.cy)
+    elif attribute == "background":
+        s.background = other(list(BACKGROUNDS), s.background)
+    else:
+        raise ValueError(f"attribute {attribute!r}: not one a {len(s.objects)}-object caption names")
+    return s
+
+
 def check_judge(n=600, seed=0):
-    """The judge's accuracy on n scenes: clean renders, degraded renders, and another scene's caption."""
+    """The judge's `ok` rate on n random scenes: clean and degraded renders of their own caption (should be
+    ~100%), and renders judged against another scene's caption or with one named attribute changed (~0%)."""
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(n)]
     imgs = [render(s) for s in scenes]
@@ -398,12 +440,19 @@ def check_judge(n=600, seed=0):
                 "noise std 8": dict(blur=0, noise=8.0, shift=0, jpeg_quality=None),
                 "colour shift +-12": dict(blur=0, noise=0, shift=12.0, jpeg_quality=None),
                 "jpeg q50": dict(blur=0, noise=0, shift=0, jpeg_quality=50),
+                "soft (down to 24x24 and up, bicubic)": dict(blur=0, noise=0, shift=0, jpeg_quality=None, soften=24),
                 "all mild (blur 3, noise 4, shift 8, jpeg 75)": {}}
     acc = {}
     for name, kw in settings.items():
         seen = imgs if kw is None else [degrade(im, rng, **kw) for im in imgs]
         acc[name] = float(np.mean([judge(c, im)["ok"] for c, im in zip(caps, seen)]))
-    acc["mismatched (another scene's caption)"] = float(np.mean([judge(caps[(i + 1) % n], imgs[i])["ok"] for i in range(n)]))
+    acc["another scene's caption"] = float(np.mean([judge(caps[i - 1], imgs[i])["ok"] for i in range(n)]))
+    changed = []
+    for s, c in zip(scenes, caps):
+        names = ["colour", "shape"] + (["size", "position"] if len(s.objects) == 1 else ["relation"])
+        names += ["background"] if s.named_background else []
+        changed.append(judge(c, render(vary(s, names[int(rng.integers(len(names)))], rng)))["ok"])
+    acc["one named attribute changed"] = float(np.mean(changed))
     return acc
 
 
@@ -423,10 +472,10 @@ def save_grid(images, path, scale=4, cols=None):
     Image.fromarray(grid).save(path)
 
 
-def summarize(captions, results):
-    """{group: {"n", "ok", attribute: accuracy}} for one-object, two-object and all prompts."""
+def summarize(results):
+    """{group: {"n", "ok", attribute: accuracy}} of judge() results, for one-object, two-object and all prompts."""
     groups = {"one-object": [], "two-object": [], "all": []}
-    for c, r in zip(captions, results):
+    for r in results:
         groups["two-object" if "relation" in r else "one-object"].append(r)
         groups["all"].append(r)
     table = {}
@@ -439,26 +488,27 @@ def summarize(captions, results):
 
 def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=None, stable=None, grid=None):
     """Generate images for n held-out captions with a checkpoint and judge them; returns summarize()'s table."""
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt {ckpt}: no such file; train one with train.py or pass checkpoints/shapes.pt")
     # sample.py provides load_pipeline(path) -> object with .generate(prompts, seed, cfg, top_k, top_p, stable)
     # returning (B, 64, 64, 3) uint8; options left as None here keep generate's own defaults.
     from sample import load_pipeline
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such file; train one with train.py or pass checkpoints/shapes.pt")
     pipe = load_pipeline(ckpt)
     options = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p, stable=stable).items() if v is not None}
     captions = heldout_captions(n, seed)
     results, shown = [], []
     for i in range(0, n, batch_size):
         prompts = captions[i:i + batch_size]
-        images = np.asarray(pipe.generate(prompts, seed=seed + i, **options))
+        images = np.asarray(pipe.generate(prompts, seed=seed + i, **options))     # each batch its own seed
         results += [judge(c, im) for c, im in zip(prompts, images)]
         shown += list(images[:max(0, 64 - len(shown))])
     if grid:
         save_grid(shown, grid, scale=2, cols=8)
-    return summarize(captions, results)
+    return summarize(results)
 
 
-def print_table(table, file=sys.stdout):
+def print_table(table, file=None):
+    file = file or sys.stdout
     keys = ["ok", "colour", "shape", "size", "position", "relation", "count", "background"]
     print(f"{'prompts':<12}{'n':>5}" + "".join(f"{k:>12}" for k in keys), file=file)
     for g, row in table.items():
