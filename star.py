@@ -466,6 +466,10 @@ class STAR(nn.Module):
             loss = F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten())
         return (logits_BLV, loss, hidden_BLC) if return_hidden else (logits_BLV, loss)
 
+    def loss(self, x_BLCv, text_hidden, text_mask, text_pooled, targets_BL):
+        """Training loss of the trunk: mean cross-entropy over all tokens of all scales."""
+        return self(x_BLCv, text_hidden, text_mask, text_pooled, targets_BL)[1]
+
     # ------------------------------------------------------------------ sampler head
 
     def head_forward(self, prev_NlC, e_NlCv, text_pooled_ND, si=None, return_hidden=False):
@@ -675,7 +679,8 @@ class STAR(nn.Module):
         """Load STAR weights strictly.
 
         path: a released checkpoint ({'trainer': {'var_wo_ddp': state_dict}}), a bare state dict, or
-        one of our own checkpoints ({'config': asdict(STARConfig), 'model': state_dict}).
+        one of our own checkpoints ({'config': asdict(STARConfig), 'model': state_dict}, or train.py's
+        {'star_config': ..., 'star': ...}).
         vae: the VQ-VAE used for generation (not part of the file). preset / config: which model
         the weights are; by default the checkpoint's own config, else the one preset whose shapes
         (and, given a vae, patch_nums) fit the weights. Returns the model on the CPU in eval mode.
@@ -711,7 +716,9 @@ def _unwrap_checkpoint(ckpt, path):
     if isinstance(ckpt, dict) and isinstance(ckpt.get('trainer'), dict) and 'var_wo_ddp' in ckpt['trainer']:
         return ckpt['trainer']['var_wo_ddp'], None                 # released / reference trainer layout
     if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('config'), dict):
-        return ckpt['model'], ckpt['config']                       # our own checkpoints
+        return ckpt['model'], ckpt['config']                       # our own STAR checkpoints
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('star'), dict) and isinstance(ckpt.get('star_config'), dict):
+        return ckpt['star'], ckpt['star_config']                   # train.py's pipeline checkpoints
     if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         keys = set(ckpt)
         if 'quantize.embedding.weight' in keys or any(k.startswith('decoder.') for k in keys):

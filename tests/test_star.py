@@ -3,6 +3,7 @@
 teacher forcing, stable sampling, head training, loading errors)."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,6 +124,9 @@ def test_teacher_forcing_matches_batch_of_one_fixture():
     assert_close(got["lse"], exp["tf_b1_logsumexp_BL"])
     assert_close(got["target"], exp["tf_b1_target_logit_BL"])
     assert abs(loss.item() - (exp["tf_b1_logsumexp_BL"] - exp["tf_b1_target_logit_BL"]).mean().item()) < ATOL
+    with torch.no_grad():
+        assert torch.equal(model.loss(inp["x_BLCv_wo_first_l"], inp["encoder_hidden_states"][:2],
+                                      inp["encoder_attention_mask"][:2], inp["encoder_pool_feat"][:2], target), loss)
 
 
 def test_teacher_forcing_is_per_sample():
@@ -162,6 +166,8 @@ def test_loading_layouts_and_errors(tmp_path, monkeypatch):
     torch.save({"config": asdict(config), "model": sd}, tmp_path / "own.pth")
     own = STAR.from_pretrained(tmp_path / "own.pth")
     assert own.config == config and all(torch.equal(own.state_dict()[k], ref[k]) for k in ref)
+    torch.save({"star_config": asdict(config), "star": sd, "step": 3}, tmp_path / "pipeline.pth")
+    assert STAR.from_pretrained(tmp_path / "pipeline.pth").config == config
     # a wrong preset names the first misshapen key and the preset that would fit
     monkeypatch.setitem(PRESETS, "tiny-fixture", config)
     with pytest.raises(ValueError, match=r"'pos_start' has shape \[1, 1, 128\].*presets that fit: \['tiny-fixture'\]"):
@@ -279,14 +285,25 @@ def text_args(inp, rows=(0, 1)):
     return h[rows], m[rows], p[rows], h[2:3], m[2:3], p[2:3]
 
 
+def record_guided(monkeypatch):
+    """Record the guided logits every sampling step sees (star.guide's outputs)."""
+    import star
+    seen, guide_fn = [], star.guide
+    monkeypatch.setattr(star, "guide", lambda logits, t: seen.append(guide_fn(logits, t)) or seen[-1])
+    return seen
+
+
 @pytest.mark.parametrize("cfg", [4.0, 1.0])
-def test_greedy_generation_matches_batch_of_one_fixture(vae, cfg):
+def test_greedy_generation_matches_batch_of_one_fixture(vae, cfg, monkeypatch):
     model, inp = load_fixture("star", vae)
     exp = torch.load(FIXTURES / "star" / "expected_b1.pt", weights_only=True)
     tag = f"ar_b1_cfg{int(cfg)}"
+    guided = record_guided(monkeypatch)
     img, idx = model.generate(*text_args(inp), cfg=cfg, top_k=1, top_p=0.0, return_indices=True)
+    monkeypatch.undo()
     for si, (got, want) in enumerate(zip(idx, exp[f"{tag}_idx_Bl"])):
         assert torch.equal(got, want), f"scale {si}"
+        assert_close(guided[si].topk(2, -1).values, exp[f"{tag}_cfg_logits_top2"][si])
     assert_close(img, exp[f"{tag}_img"], atol=1e-3)  # the reference returns (x + 1) / 2 in [0, 1]
     # batch invariance: each prompt alone gives the same tokens and images as the batch of two
     for i in range(2):
@@ -344,6 +361,16 @@ def test_per_row_cross_attention_uses_the_empty_prompt(vae):
 # ---------------------------------------------------------------- stable sampling and head training
 
 
+def test_head_model_trunk_generation_matches_fixture(vae, monkeypatch):
+    model, inp = load_fixture("star_head", vae)
+    exp = torch.load(FIXTURES / "star_head" / "expected.pt", weights_only=True)
+    guided = record_guided(monkeypatch)
+    _, idx = model.generate(*text_args(inp), cfg=4.0, top_k=1, top_p=0.0, stable=False, return_indices=True)
+    for si, (got, want) in enumerate(zip(idx, exp["trunk_cfg_idx_Bl"])):
+        assert torch.equal(got, want), f"scale {si}"
+        assert_close(guided[si].topk(2, -1).values, exp["trunk_cfg_logits_top2"][si])
+
+
 def test_stable_generation_is_seeded_and_commits_every_position_once(vae, monkeypatch):
     import star
     model, inp = load_fixture("star_head", vae)
@@ -399,3 +426,29 @@ def test_head_loss_falls_with_a_frozen_trunk():
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(("blocks.", "head_logits.")))
+
+
+def test_trunk_loss_falls_and_drop_path_only_in_training():
+    torch.manual_seed(0)
+    config = STARConfig(depth=2, width=64, num_heads=1, patch_nums=(1, 2, 3, 4), vocab_size=64, vae_dim=8,
+                        text_dim=16, class_emb=False, drop_path_rate=0.5)
+    model = STAR(config)
+    B, L = 4, config.seq_len
+    x, targets = torch.randn(B, L - 1, 8), torch.randint(0, 64, (B, L))
+    text = (torch.randn(B, 5, 16), torch.ones(B, 5), torch.randn(B, 16))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.loss(x, *text, targets), model.loss(x, *text, targets))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x, *text)[0], model(x, *text)[0])  # stochastic depth
+    model = STAR(replace(config, drop_path_rate=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.loss(x, *text, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(64)) < 0.5 and losses[-1] < 0.5 * losses[0], losses
