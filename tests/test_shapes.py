@@ -29,6 +29,20 @@ def colour_box(img, rgb):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The world's numbers, as specified
+
+def test_palette_sizes_and_anchors_are_the_specified_ones():
+    assert COLOURS == {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+                       "yellow": (240, 220, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
+    assert BACKGROUNDS == {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+    assert SIZES == {"small": 14, "large": 26} and shapes.SIZE_JITTER == 2 and shapes.POS_JITTER == 6
+    assert POSITIONS == {"on the left": (16, None), "on the right": (48, None), "at the top": (None, 16),
+                         "at the bottom": (None, 48), "in the center": (32, 32)}
+    assert RELATIONS == {"to the left of": ((16, None), (48, None)), "to the right of": ((48, None), (16, None)),
+                         "above": ((None, 16), (None, 48)), "below": ((None, 48), (None, 16))}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Determinism
 
 def test_same_seed_same_scenes_for_both_generator_kinds():
