@@ -582,7 +582,9 @@ class VQVAE(nn.Module):
                 opt.zero_grad(); loss.backward(); opt.step()
                 if quantize and (step - warmup_steps) % 25 == 24:
                     vae.reseed_dead_codes(img, generator=g)          # codes unused for 25 steps
-        A bigger batch for init_codebook (e.g. 4x the training batch) gives better initial codes. Under
+        A bigger batch for init_codebook (e.g. 4x the training batch) gives better initial codes. The hit
+        counters (quantize.code_hits_V) are not in the state dict, which keeps VAR's exact key set: save and
+        restore them beside it if a resumed run must re-seed exactly as an uninterrupted one. Under
         DistributedDataParallel call these methods on the wrapped module (ddp.module) on every rank: they
         all-reduce the hit counts and broadcast rank 0's codebook. Stop re-seeding for the last few hundred
         steps if the final codebook should settle.
@@ -652,7 +654,12 @@ class VQVAE(nn.Module):
             found = sorted(state)[:6] if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"{name}: not a VQ-VAE state dict (expected keys such as {list(needed)}, found "
                              f"{found}); pass the VQ-VAE's own state dict, not a wrapper around it")
-        model = cls(cls.config_from_state_dict(state, patch_nums, **overrides))
+        try:
+            config = cls.config_from_state_dict(state, patch_nums, **overrides)
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"{name}: cannot infer the VQ-VAE's sizes from the weights (missing {e}); expected "
+                             f"VAR's key layout (see VQVAE(VQVAEConfig()).state_dict())") from e
+        model = cls(config)
         expected = model.state_dict()
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]

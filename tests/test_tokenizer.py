@@ -238,7 +238,7 @@ def test_reseed_replaces_only_dead_codes():
 
 
 def test_training_lowers_error_and_uses_the_codebook():
-    # 16px shapes, 4x downsampling, scales (1, 2, 4) = 21 tokens, 64 codes: ~20 s on 2 cores.
+    # 16px shapes, 4x downsampling, scales (1, 2, 4) = 21 tokens, 64 codes, batch 16: ~15 s on 2 idle cores
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     cfg = VQVAEConfig(vocab_size=64, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
@@ -252,7 +252,7 @@ def test_training_lowers_error_and_uses_the_codebook():
     steps, warmup = 300, 90
     mse_untrained = quantized_mse()
     for step in range(steps):
-        img = make_images(32, 16, g)
+        img = make_images(16, 16, g)
         if step == warmup:
             vae.init_codebook(make_images(128, 16, g), generator=g)
             mse_after_init = quantized_mse()
