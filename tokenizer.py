@@ -316,6 +316,9 @@ class MultiScaleQuantizer(nn.Module):
             if idx_Bl.dim() != 2 or idx_Bl.shape[1] != pn * pn:
                 raise ValueError(f"idx_list[{si}]: expected (B, {pn * pn}) token ids for a {pn}x{pn} map, "
                                  f"got {tuple(idx_Bl.shape)}")
+            if idx_Bl.numel() and not 0 <= int(idx_Bl.min()) <= int(idx_Bl.max()) < self.vocab_size:
+                raise ValueError(f"idx_list[{si}]: token ids must lie in [0, {self.vocab_size}), got "
+                                 f"[{int(idx_Bl.min())}, {int(idx_Bl.max())}]")
 
     # -- inference ------------------------------------------------------------------------------------
     @torch.no_grad()

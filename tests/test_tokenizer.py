@@ -183,6 +183,8 @@ def test_patch_nums_errors():
         vae.idx_to_img(idx[:2])
     with pytest.raises(ValueError, match=r"idx_list\[1\]: expected \(B, 4\)"):
         vae.idx_to_var_input([idx[0], idx[2], idx[2]])
+    with pytest.raises(ValueError, match=r"idx_list\[2\]: token ids must lie in \[0, 32\)"):
+        vae.idx_to_img([idx[0], idx[1], idx[2] + 32])
     with pytest.raises(ValueError, match="scale 1"):
         vae.next_scale_input(1, torch.zeros(2, 32, 4, 4), torch.zeros(2, 32, 4, 4))
 
