@@ -134,8 +134,12 @@ def apply_rope(x_BHLc, rope_Lc):
 
 
 def layer_norm(x, eps):
-    """Every LayerNorm of STAR is non-affine (no AdaLN in the released models)."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps)
+    """Every LayerNorm of STAR is non-affine (no AdaLN in the released models).
+
+    Mean and variance are taken in float32 whatever x's dtype (as the reference's fp32 LayerNorm under
+    bf16 autocast); the result has x's dtype.
+    """
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).type_as(x)
 
 
 def drop_path(x, p, training):
@@ -381,7 +385,16 @@ class STAR(nn.Module):
         self.register_buffer('lvl_L', lvl_L.to(device), persistent=False)     # (L,) scale of each token
         rope = torch.cat([rope_2d(pn, cfg.width // cfg.num_heads, cfg.rope_theta, cfg.rope_norm)
                           for pn in cfg.patch_nums])
-        self.register_buffer('rope_Lc', rope.to(device), persistent=False)    # (L, c/2) complex
+        self.rope_Lc = rope.to(device)                                         # (L, c/2) complex64
+
+    def _apply(self, fn, recurse=True):
+        # .to(device, dtype), .half(), .cuda(), ... go through here. The RoPE table is a plain attribute,
+        # not a buffer: .to(torch.bfloat16) would cast a complex buffer to real and drop its imaginary
+        # part. It is rebuilt on the new device instead and stays complex64 (float32 angles) whatever
+        # dtype the weights take.
+        super()._apply(fn, recurse)
+        self._make_tables()
+        return self
 
     @property
     def vae(self):
@@ -447,7 +460,7 @@ class STAR(nn.Module):
 
     def logits(self, h_NLC):
         """Output layer on trunk states: (N, L, V) float32 logits."""
-        h = layer_norm(h_NLC.float(), self.config.norm_eps) if self.config.logit_norm else h_NLC
+        h = layer_norm(h_NLC, self.config.norm_eps) if self.config.logit_norm else h_NLC
         return self.head_logits(h).float()
 
     def forward(self, x_BLCv, text_hidden, text_mask, text_pooled, targets_BL=None, return_hidden=False):
@@ -499,7 +512,7 @@ class STAR(nn.Module):
         rope = torch.cat([self.rope_Lc[:1], self.rope_Lc[begin:end]])        # text token: angle 0
         for block in self.feat_extract_blocks:
             y = block(y, rope, mask)
-        h = layer_norm(y.float(), cfg.norm_eps) if cfg.logit_norm else y
+        h = layer_norm(y, cfg.norm_eps) if cfg.logit_norm else y
         logits = self.head_logits2(h).float()[:, 1:]
         return (logits, y) if return_hidden else logits
 

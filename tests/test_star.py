@@ -1,6 +1,7 @@
 """Tests for star.py: layouts of the released models, parity with the reference fixtures
 (teacher forcing, greedy generation, sampler head), then behaviour (batch invariance, KV cache vs
 teacher forcing, stable sampling, head training, loading errors)."""
+import copy
 import json
 import math
 from dataclasses import replace
@@ -452,3 +453,33 @@ def test_trunk_loss_falls_and_drop_path_only_in_training():
         opt.step()
         losses.append(loss.item())
     assert abs(losses[0] - math.log(64)) < 0.5 and losses[-1] < 0.5 * losses[0], losses
+
+# ---------------------------------------------------------------- precision (bf16 weights on GPU)
+
+
+def test_dtype_casts_keep_rope_and_agree_with_float32(vae):
+    """model.to(dtype) keeps the RoPE table complex64 (a complex buffer would lose its imaginary part
+    to a real dtype), LayerNorm statistics and logits stay float32: float64 weights give exactly the
+    float32 greedy tokens, bfloat16 weights the float32 logits up to bf16 rounding (8-bit mantissa:
+    0.4% per rounding, a few percent of a logit after two blocks)."""
+    model, inp = load_fixture("star", vae)
+    kw = dict(cfg=4.0, top_k=1, top_p=0.0, return_indices=True)
+    img32, idx32 = model.generate(*text_args(inp), **kw)
+    with torch.no_grad():
+        x = vae.idx_to_var_input(idx32)
+        tf32, _ = model(x, *text_args(inp)[:3])
+    for dtype in (torch.float64, torch.bfloat16):
+        low = copy.deepcopy(model).to(dtype)
+        assert low.rope_Lc.dtype == torch.complex64 and torch.equal(low.rope_Lc, model.rope_Lc)
+        text = [t.to(dtype) if t.is_floating_point() else t for t in text_args(inp)]
+        img, idx = low.generate(*text, **kw)
+        assert img.dtype == torch.float32 and img.shape == img32.shape
+        with torch.no_grad():
+            tf, _ = low(x.to(dtype), *text[:3])
+        assert tf.dtype == torch.float32
+        if dtype == torch.float64:
+            assert all(torch.equal(a, b) for a, b in zip(idx, idx32))
+            assert_close(tf, tf32, atol=1e-5)
+        else:
+            assert_close(tf, tf32, atol=0.05 * tf32.abs().max().item())
+    assert model.half().rope_Lc.dtype == torch.complex64
