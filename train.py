@@ -1,0 +1,580 @@
+"""
+Training for the whole STAR pipeline, in three stages that each start from the previous one.
+
+  vae   the multi-scale VQ-VAE of tokenizer.py, on images alone (plain autoencoder warm-up, then the
+        codebook is initialised from encoder features and dead codes are re-seeded as training goes)
+  star  the transformer of star.py on a frozen VQ-VAE, teacher-forced over all scales (paper, sec. 3),
+        with the text encoder of clip_text.py trained jointly from scratch (the demo), or a released
+        CLIP text encoder loaded frozen (--text-encoder DIR --tokenizer PATH)
+  head  the causal stable-sampling head of star.py on a frozen trunk (spec c.4)
+
+Data is the synthetic world of shapes.py, rendered on the fly (--data shapes), or a folder of images
+with captions (--data DIR: `metadata.jsonl` lines {"file_name", "text"}, or `name.txt` beside each image).
+Every stage writes one self-contained checkpoint OUT/<stage>.pt (configs, tokenizer merges, text encoder,
+VQ-VAE, STAR, optimizer, step, RNG states), atomically, every --ckpt-every steps and at the end;
+`--resume` continues exactly where a killed run stopped. sample.py reads these files.
+
+  python train.py --out runs/shapes                      # all stages, shapes world, CPU or one GPU
+  torchrun --nproc_per_node=2 train.py --out runs/shapes # several processes (gloo on CPU, nccl on GPU)
+  python train.py --out runs/shapes --resume             # pick up after an interruption
+  python train.py --export runs/shapes/head.pt checkpoints/shapes.pt   # half-precision bundle for sample.py
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from clip_text import TextConfig, TextEncoder, Tokenizer
+from star import STAR, STARConfig
+from tokenizer import VQVAE, VQVAEConfig, reconstruction_loss
+
+STAGES = ("vae", "star", "head")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file): printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: every batch is a pure function of (seed, step, rank), so a resumed run sees the same batches.
+
+def batch_rng(seed, step, rank, stream=0):
+    """The generator of one batch; `stream` separates other uses (codebook init, tokenizer captions)."""
+    return np.random.default_rng([seed, stream, step, rank])
+
+
+class ImageFolder:
+    """Images with captions, resized like the reference's pipeline: centre crop, LANCZOS resize, [-1, 1].
+
+    Captions come from `metadata.jsonl` ({"file_name": ..., "text": ...} per line) when present, else
+    from a `.txt` file beside each image. Unreadable images are skipped with a warning naming them.
+    """
+    EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+    def __init__(self, root, resolution):
+        from PIL import Image
+        self.Image, self.resolution, root = Image, resolution, Path(root)
+        if not root.is_dir():
+            raise UserError(f"--data {root}: not a folder; give 'shapes' or a folder of images with captions")
+        items = []
+        meta = root / "metadata.jsonl"
+        if meta.exists():
+            for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    items.append((root / rec["file_name"], str(rec["text"])))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text'")
+        else:
+            for p in sorted(root.iterdir()):
+                if p.suffix.lower() in self.EXTS:
+                    cap = p.with_suffix(".txt")
+                    if not cap.exists():
+                        warnings.warn(f"{p.name}: no caption file {cap.name}; skipped")
+                        continue
+                    items.append((p, cap.read_text(encoding="utf-8").strip()))
+        good = []
+        for path, text in items:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+                good.append((path, text))
+            except Exception:
+                warnings.warn(f"{path}: not a readable image; skipped")
+        if not good:
+            raise UserError(f"--data {root}: no usable images with captions found "
+                            "(need metadata.jsonl or an image.txt caption beside each image)")
+        self.items = good
+
+    def load(self, path):
+        im = self.Image.open(path).convert("RGB")
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = im.resize((self.resolution, self.resolution), self.Image.LANCZOS)
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+        return x.permute(2, 0, 1)                                   # (3, H, W) in [-1, 1]
+
+    def captions(self, seed):
+        return [t for _, t in self.items]
+
+    def batch(self, batch_size, rng):
+        pick = rng.integers(0, len(self.items), size=batch_size)
+        imgs = torch.stack([self.load(self.items[i][0]) for i in pick])
+        return imgs, [self.items[i][1] for i in pick]
+
+
+class ShapesData:
+    def __init__(self):
+        import shapes
+        self.shapes = shapes
+
+    def batch(self, batch_size, rng):
+        return self.shapes.sample_batch(batch_size, rng)
+
+    def captions(self, seed, n=5000):
+        """Captions to learn the BPE vocabulary from (their own stream, disjoint from training batches)."""
+        rng = batch_rng(seed, 0, 0, stream=2)
+        return [self.shapes.caption(self.shapes.random_scene(rng)) for _ in range(n)]
+
+
+def token_pool(data, vae, n, seed, path, dev, rank, world):
+    """Tokenize n training samples once: (idx (n, L) int16, captions).
+
+    The frozen VQ-VAE's encoder costs as much as a small STAR's whole training step on a CPU, and it
+    gives the same tokens for the same image every time, so the STAR and head stages draw their
+    batches from this pool instead of encoding every batch. Saved beside the checkpoints for --resume.
+    """
+    path = Path(path)
+    if rank == 0 and not path.exists():
+        idx, caps = [], []
+        for i in tqdm(range(0, n, 64), desc="tokenizing", dynamic_ncols=True):
+            img, c = data.batch(min(64, n - i), batch_rng(seed, i, 0, stream=3))
+            with torch.no_grad():
+                idx.append(torch.cat(vae.img_to_idx(img.to(dev)), 1).to(torch.int16).cpu())
+            caps += c
+        save_atomic({"idx": torch.cat(idx), "captions": caps}, path)
+    if world > 1:
+        dist.barrier()
+    pool = torch.load(path, map_location="cpu", weights_only=True)
+    return pool["idx"], pool["captions"]
+
+
+def make_data(args, resolution):
+    return ShapesData() if args.data == "shapes" else ImageFolder(args.data, resolution)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: one torch.save dict of tensors and plain Python values, loadable with weights_only=True.
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, then os.replace: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot be read as a plain weights file ({type(e).__name__}); "
+                        "it is truncated, corrupt, or holds pickled code, which is refused")
+    if not isinstance(ck, dict) or ck.get("format") != "star-pipeline":
+        raise UserError(f"{path}: not a checkpoint written by train.py")
+    return ck
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate()[1], "numpy": None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+
+
+def config_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models of each stage.
+
+def default_vae_config(args):
+    return VQVAEConfig(vocab_size=args.vocab_size, z_channels=32, ch=args.vae_ch, ch_mult=(1, 2, 2, 4),
+                       num_res_blocks=args.vae_res_blocks, patch_nums=tuple(args.patch_nums))
+
+
+def default_star_config(args, text_dim):
+    return STARConfig(depth=args.depth, width=args.width, num_heads=args.width // 64,
+                      patch_nums=tuple(args.patch_nums), vocab_size=args.vocab_size, vae_dim=32,
+                      text_dim=text_dim, rope_theta=10000.0, rope_norm=64.0, logit_norm=True,
+                      head=True, sample_from_idx=args.head_from, cross_attn_mode="per_row",
+                      drop_path_rate=0.0)
+
+
+class TextToImage(nn.Module):
+    """STAR with its text encoder, so one DistributedDataParallel wrapper covers both in training."""
+
+    def __init__(self, star, text_encoder, head_only=False):
+        super().__init__()
+        self.star, self.text_encoder, self.head_only = star, text_encoder, head_only
+
+    def forward(self, ids, mask, x_BLCv, target_BL):
+        hidden, pooled = self.text_encoder(ids, mask)
+        if self.head_only:
+            hidden, pooled = hidden.detach(), pooled.detach()
+            return self.star.head_loss(x_BLCv, hidden, mask, pooled, target_BL)
+        return self.star.loss(x_BLCv, hidden, mask, pooled, target_BL)
+
+
+def build_stage(stage, args, ck, data):
+    """The modules of a stage and the network that trains.
+
+    `ck` is the previous stage's checkpoint, or this stage's own when resuming (None for a fresh
+    VQ-VAE). The VQ-VAE is frozen after its stage; the text encoder trains with STAR unless a released
+    one is given; the head stage trains only the sampler head on the frozen trunk.
+    """
+    vae = VQVAE(VQVAEConfig(**ck["vae_config"]) if ck else default_vae_config(args))
+    if ck:
+        vae.load_state_dict(ck["vae"])
+    if stage == "vae":
+        return {"vae": vae}, vae
+    vae.requires_grad_(False).eval()
+    if "star" in ck:
+        tok = Tokenizer.from_state_dict(ck["tokenizer"])
+        text = TextEncoder(TextConfig(**ck["text_config"]))
+        text.load_state_dict(ck["text_encoder"])
+        star = STAR(STARConfig(**ck["star_config"]), vae)
+        star.load_state_dict(ck["star"])
+    else:
+        if args.text_encoder:
+            tok = Tokenizer.from_file(args.tokenizer)
+            text = TextEncoder.from_pretrained(args.text_encoder)
+        else:
+            caps = data.captions(args.seed)
+            tok = Tokenizer.train(caps, args.text_vocab)
+            text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, context_length=args.text_context, width=args.text_width,
+                                          layers=args.text_layers, heads=max(1, args.text_width // 64)))
+        star = STAR(default_star_config(args, text.config.width), vae)
+    if stage == "head" or args.text_encoder:
+        text.requires_grad_(False)
+    if stage == "head":
+        star.requires_grad_(False)
+        for p in star.head_parameters():
+            p.requires_grad_(True)
+    return {"vae": vae, "tokenizer": tok, "text": text, "star": star}, TextToImage(star, text, stage == "head")
+
+
+def pack(stage, parts, args, step, opt=None):
+    ck = {"format": "star-pipeline", "stage": stage, "step": step, "args": vars(args).copy(),
+          "vae_config": config_dict(parts["vae"].config), "vae": parts["vae"].state_dict()}
+    if "star" in parts:
+        ck.update(tokenizer=parts["tokenizer"].state_dict(), text_config=config_dict(parts["text"].config),
+                  text_encoder=parts["text"].state_dict(), star_config=config_dict(parts["star"].config),
+                  star=parts["star"].state_dict(), sampling=dict(SAMPLING))
+    if opt is not None:
+        ck.update(optimizer=opt.state_dict(), rng=torch.get_rng_state())
+        if stage == "vae":    # dead-code counters: not weights, but --resume must re-seed the same codes
+            ck["vae_code_hits"] = parts["vae"].quantize.code_hits_V.clone()
+    return ck
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop.
+
+def lr_at(step, total, base, warmup):
+    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def make_optimizer(net, lr, weight_decay):
+    """AdamW; decay on matrices only (not on biases, norms, embeddings' scale terms)."""
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name and "pos_start" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def encode_text(parts, captions, dev):
+    ids, mask = parts["tokenizer"](captions, context_length=parts["text"].config.context_length)
+    ids, mask = ids.to(dev), mask.to(dev)
+    hidden, pooled = parts["text"](ids, mask)
+    return hidden, mask, pooled
+
+
+@torch.no_grad()
+def generate(parts, captions, seed, dev, **sampling):
+    """Images (N, 3, H, W) in [0, 1] for the captions, with the current weights (previews, evaluation)."""
+    star, text = parts["star"], parts["text"]
+    was = star.training, text.training
+    star.eval(), text.eval()
+    hidden, mask, pooled = encode_text(parts, captions, dev)
+    e_hidden, e_mask, e_pooled = encode_text(parts, [""], dev)
+    img = star.generate(hidden, mask, pooled, e_hidden, e_mask, e_pooled,
+                        generator=torch.Generator().manual_seed(seed), **sampling)
+    star.train(was[0]), text.train(was[1])
+    return img
+
+
+def save_grid(img_N3HW, path, cols=8):
+    """A contact sheet of images in [0, 1] (or [-1, 1] if `signed`), written atomically as PNG."""
+    from PIL import Image
+    N, _, H, W = img_N3HW.shape
+    rows = (N + cols - 1) // cols
+    grid = torch.ones(3, rows * H, cols * W)
+    for i, im in enumerate(img_N3HW.float().cpu().clamp(0, 1)):
+        grid[:, (i // cols) * H:(i // cols + 1) * H, (i % cols) * W:(i % cols + 1) * W] = im
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    tmp = Path(path).with_suffix(".tmp.png")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+
+
+def evaluate_shapes(parts, n, dev, seed=0):
+    """Judge-measured accuracy on n held-out captions: (one-object, two-object) fractions fully correct."""
+    import shapes
+    caps = shapes.heldout_captions(n, seed)
+    ok = {True: [], False: []}
+    for i in range(0, n, 50):
+        img = generate(parts, caps[i:i + 50], seed + i, dev, **SAMPLING)
+        arr = (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        for c, a in zip(caps[i:i + 50], arr):
+            r = shapes.judge(c, a)
+            ok["relation" in r].append(r["ok"])
+    return float(np.mean(ok[False])), float(np.mean(ok[True]))
+
+
+# Sampling settings of the bundled shapes model (stored in its checkpoint; sample.py uses them).
+SAMPLING = dict(cfg=2.0, top_k=10, top_p=0.0)
+
+
+def run_stage(stage, args, dev, rank, world, prev):
+    """Train one stage from its start (or from OUT/<stage>.pt with --resume); returns its final checkpoint."""
+    out = Path(args.out)
+    path = out / f"{stage}.pt"
+    steps = {"vae": args.vae_steps, "star": args.star_steps, "head": args.head_steps}[stage]
+    data = make_data(args, args.resolution)
+    seed = args.seed + 1000 * STAGES.index(stage)
+
+    resume = None
+    if path.exists():
+        if not args.resume:
+            raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out")
+        resume = load_checkpoint(path)
+        if resume["step"] >= steps:
+            return resume
+    torch.manual_seed(seed + rank)
+    # a resumed stage rebuilds every module from its own checkpoint, the tokenizer included
+    parts, net = build_stage(stage, args, resume or prev, data)
+    net.to(dev).train()
+    if stage != "vae":
+        parts["vae"].to(dev).eval()
+    if stage == "head":
+        parts["text"].eval()
+    lr = {"vae": args.vae_lr, "star": args.lr, "head": args.head_lr}[stage]
+    opt = make_optimizer(net, lr, args.weight_decay)
+    start = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"])
+        if stage == "vae":
+            parts["vae"].quantize.code_hits_V.copy_(resume["vae_code_hits"])
+        start = resume["step"]
+    model = net if world == 1 else nn.parallel.DistributedDataParallel(
+        net, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=(stage == "vae"))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) \
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext()
+
+    if stage != "vae":
+        pool_idx, pool_caps = token_pool(data, parts["vae"], args.pool, args.seed, out / "tokens.pt", dev, rank, world)
+        splits = [pn * pn for pn in parts["vae"].config.patch_nums]
+    log = open(out / "log.txt", "a") if rank == 0 else None
+    warm = int(args.vae_ae_frac * steps) if stage == "vae" else 0
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, dynamic_ncols=True,
+               disable=rank != 0 or args.quiet)
+    t0, seen = time.time(), 0
+    for step in bar:
+        rng = batch_rng(seed, step, rank)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, args.warmup)
+        if stage == "vae":
+            img = data.batch(args.batch_size, rng)[0].to(dev)
+            quantize = step >= warm
+            if quantize and step == warm:          # codebook from encoder features, once, after warm-up
+                big, _ = data.batch(4 * args.batch_size, batch_rng(seed, step, rank, stream=1))
+                parts["vae"].init_codebook(big.to(dev), generator=torch.Generator().manual_seed(seed + step))
+            with amp:
+                recon, vq_loss, usage = model(img, quantize=quantize)
+                loss = reconstruction_loss(recon.float(), img) + vq_loss.float()
+            ntok = img.shape[0]
+        else:
+            pick = rng.integers(0, len(pool_caps), size=args.batch_size)
+            drop = rng.random(args.batch_size) < args.cond_drop      # caption dropout for guidance
+            caps = ["" if d else pool_caps[i] for i, d in zip(pick, drop)]
+            ids, mask = parts["tokenizer"](caps, context_length=parts["text"].config.context_length)
+            target_BL = pool_idx[torch.from_numpy(pick)].long().to(dev)              # (B, L)
+            with torch.no_grad():
+                x_BLCv = parts["vae"].idx_to_var_input(list(target_BL.split(splits, 1)))  # (B, L-1, Cvae)
+            with amp:
+                loss = model(ids.to(dev), mask.to(dev), x_BLCv, target_BL).float()
+            ntok = target_BL.numel()
+        if not torch.isfinite(loss):
+            raise UserError(f"{stage} step {step}: the loss is {loss.item()}; stopped without saving "
+                            f"(last good checkpoint: {path if path.exists() else 'none'}); "
+                            "try a lower learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+        opt.step()
+        if stage == "vae" and quantize and (step - warm) % args.reseed_every == args.reseed_every - 1:
+            parts["vae"].reseed_dead_codes(img, generator=torch.Generator().manual_seed(seed + step))
+        seen += ntok
+        done = step + 1
+        if rank == 0:
+            rate = seen / max(1e-9, time.time() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{rate:.0f}")
+            if done % args.log_every == 0 or done == steps:
+                extra = f" usage {float(usage.mean()):.3f}" if stage == "vae" else ""
+                log.write(f"{stage} step {done} loss {loss.item():.5f} gnorm {float(gnorm):.3f} "
+                          f"lr {opt.param_groups[0]['lr']:.2e} {'img' if stage == 'vae' else 'tok'}/s "
+                          f"{rate:.0f}{extra}\n")
+                log.flush()
+            if args.sample_every and (done % args.sample_every == 0 or done == steps):
+                if stage == "vae":
+                    save_grid(torch.cat([img[:8], parts["vae"].fhat_to_img(
+                        parts["vae"].quantize.idx_to_fhat(parts["vae"].img_to_idx(img[:8])))]).add(1).div(2),
+                        out / f"{stage}_{done:06d}.png")
+                else:
+                    save_grid(generate(parts, PREVIEW, 0, dev, **SAMPLING), out / f"{stage}_{done:06d}.png")
+            if args.eval_every and args.data == "shapes" and stage != "vae" and \
+                    (done % args.eval_every == 0 or done == steps):
+                one, two = evaluate_shapes(parts, args.eval_n, dev)
+                log.write(f"eval {stage} step {done} minutes {(time.time() - t0) / 60:.1f} "
+                          f"one-object {one:.3f} two-object {two:.3f}\n")
+                log.flush()
+            if done % args.ckpt_every == 0 or done == steps:
+                save_atomic(pack(stage, parts, args, done, opt), path)
+        if world > 1 and (done % args.ckpt_every == 0 or done == steps):
+            dist.barrier()
+    if log:
+        log.close()
+    if world > 1:
+        dist.barrier()
+    return load_checkpoint(path)
+
+
+PREVIEW = ["a large red circle on the left on a white background", "a small blue square at the top",
+           "a large green triangle in the center on a black background", "a small yellow circle at the bottom",
+           "a red square to the left of a blue circle", "a purple triangle above a orange square",
+           "a green circle below a yellow triangle on a gray background", "a blue square to the right of a red triangle"]
+
+
+def export(src, dst):
+    """Strip optimizer and RNG state and store float weights in half precision (the bundled model)."""
+    ck = load_checkpoint(src)
+    for k in ("optimizer", "rng"):
+        ck.pop(k, None)
+    for k in ("vae", "text_encoder", "star"):
+        if k in ck:
+            ck[k] = {n: t.half() if t.is_floating_point() else t for n, t in ck[k].items()}
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(ck, dst)
+    return Path(dst).stat().st_size
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/shapes", help="folder for checkpoints, log.txt and sample grids")
+    p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
+    p.add_argument("--data", default="shapes", help="'shapes' (synthetic world) or a folder of captioned images")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoints found in --out")
+    p.add_argument("--export", nargs=2, metavar=("SRC", "DST"), help="write a half-precision bundle and exit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    p.add_argument("--patch-nums", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3, 4, 6, 8],
+                   help="token-map sides, coarse to fine; the last equals resolution / 8")
+    p.add_argument("--vocab-size", type=int, default=512, help="VQ codebook size")
+    p.add_argument("--vae-ch", type=int, default=32, help="VQ-VAE base width (multiple of 32)")
+    p.add_argument("--vae-res-blocks", type=int, default=1, help="res-blocks per VQ-VAE encoder level")
+    p.add_argument("--depth", type=int, default=4, help="STAR blocks")
+    p.add_argument("--width", type=int, default=128, help="STAR width (multiple of 64)")
+    p.add_argument("--head-from", type=int, default=4, help="first scale sampled by the stable-sampling head")
+    p.add_argument("--text-vocab", type=int, default=600, help="BPE vocabulary learned from the captions")
+    p.add_argument("--text-width", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--text-context", type=int, default=32, help="text tokens incl. start/end (CLIP: 77)")
+    p.add_argument("--pool", type=int, default=20000, help="training samples tokenized once for STAR/head")
+    p.add_argument("--text-encoder", default=None, help="released CLIP text encoder folder (frozen)")
+    p.add_argument("--tokenizer", default=None, help="BPE file or tokenizer folder for --text-encoder")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--star-steps", type=int, default=12000)
+    p.add_argument("--head-steps", type=int, default=1500)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--head-lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=2.0)
+    p.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout to '' for guidance")
+    p.add_argument("--vae-ae-frac", type=float, default=0.3, help="first fraction of VQ-VAE steps without the quantizer")
+    p.add_argument("--reseed-every", type=int, default=25, help="re-seed dead codes every N VQ-VAE steps")
+    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--sample-every", type=int, default=1000, help="write a preview grid every N steps (0: never)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="judge N held-out shapes captions every N steps and log the accuracy (0: never)")
+    p.add_argument("--eval-n", type=int, default=100, help="captions per evaluation")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.text_encoder and not args.tokenizer:
+        p.error("--text-encoder needs --tokenizer (the BPE file or tokenizer folder that goes with it)")
+    return args
+
+
+def pick_device(name, local_rank):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.export:
+        size = export(*args.export)
+        print(f"wrote {args.export[1]} ({size / 2**20:.1f} MiB)")
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    prev = None
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        if prev is None and stage != "vae":
+            prev = load_checkpoint(Path(args.out) / f"{STAGES[STAGES.index(stage) - 1]}.pt")
+        prev = run_stage(stage, args, dev, rank, world, prev)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
