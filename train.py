@@ -336,13 +336,13 @@ def save_grid(img_N3HW, path, cols=8):
     os.replace(tmp, path)
 
 
-def evaluate_shapes(parts, n, dev, seed=0):
+def evaluate_shapes(parts, n, dev, stable, seed=0):
     """Judge-measured accuracy on n held-out captions: (one-object, two-object) fractions fully correct."""
     import shapes
     caps = shapes.heldout_captions(n, seed)
     ok = {True: [], False: []}
     for i in range(0, n, 50):
-        img = generate(parts, caps[i:i + 50], seed + i, dev, **SAMPLING)
+        img = generate(parts, caps[i:i + 50], seed + i, dev, stable=stable, **SAMPLING)
         arr = (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         for c, a in zip(caps[i:i + 50], arr):
             r = shapes.judge(c, a)
@@ -451,10 +451,11 @@ def run_stage(stage, args, dev, rank, world, prev):
                         parts["vae"].quantize.idx_to_fhat(parts["vae"].img_to_idx(img[:8])))]).add(1).div(2),
                         out / f"{stage}_{done:06d}.png")
                 else:
-                    save_grid(generate(parts, PREVIEW, 0, dev, **SAMPLING), out / f"{stage}_{done:06d}.png")
+                    save_grid(generate(parts, PREVIEW, 0, dev, stable=stage == "head", **SAMPLING),
+                              out / f"{stage}_{done:06d}.png")
             if args.eval_every and args.data == "shapes" and stage != "vae" and \
                     (done % args.eval_every == 0 or done == steps):
-                one, two = evaluate_shapes(parts, args.eval_n, dev)
+                one, two = evaluate_shapes(parts, args.eval_n, dev, stable=stage == "head")
                 log.write(f"eval {stage} step {done} minutes {(time.time() - t0) / 60:.1f} "
                           f"one-object {one:.3f} two-object {two:.3f}\n")
                 log.flush()
