@@ -266,8 +266,8 @@ def build_stage(stage, args, ck, data):
     return {"vae": vae, "tokenizer": tok, "text": text, "star": star}, TextToImage(star, text, stage == "head")
 
 
-def pack(stage, parts, args, step, opt=None):
-    ck = {"format": "star-pipeline", "stage": stage, "step": step, "args": vars(args).copy(),
+def pack(stage, parts, args, step, opt=None, seconds=0.0):
+    ck = {"format": "star-pipeline", "stage": stage, "step": step, "seconds": seconds, "args": vars(args).copy(),
           "vae_config": config_dict(parts["vae"].config), "vae": parts["vae"].state_dict()}
     if "star" in parts:
         ck.update(tokenizer=parts["tokenizer"].state_dict(), text_config=config_dict(parts["text"].config),
@@ -398,7 +398,9 @@ def run_stage(stage, args, dev, rank, world, prev):
     warm = int(args.vae_ae_frac * steps) if stage == "vae" else 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, dynamic_ncols=True,
                disable=rank != 0 or args.quiet)
-    t0, seen = time.time(), 0
+    # training time of this stage so far, without previews and evaluations (for accuracy-vs-minutes)
+    seconds = resume["seconds"] if resume is not None else 0.0
+    t_last, seen, t0 = time.time(), 0, time.time()
     for step in bar:
         rng = batch_rng(seed, step, rank)
         for g in opt.param_groups:
@@ -436,6 +438,7 @@ def run_stage(stage, args, dev, rank, world, prev):
             parts["vae"].reseed_dead_codes(img, generator=torch.Generator().manual_seed(seed + step))
         seen += ntok
         done = step + 1
+        seconds += time.time() - t_last
         if rank == 0:
             rate = seen / max(1e-9, time.time() - t0)
             bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{rate:.0f}")
@@ -456,13 +459,14 @@ def run_stage(stage, args, dev, rank, world, prev):
             if args.eval_every and args.data == "shapes" and stage != "vae" and \
                     (done % args.eval_every == 0 or done == steps):
                 one, two = evaluate_shapes(parts, args.eval_n, dev, stable=stage == "head")
-                log.write(f"eval {stage} step {done} minutes {(time.time() - t0) / 60:.1f} "
+                log.write(f"eval {stage} step {done} minutes {seconds / 60:.1f} "
                           f"one-object {one:.3f} two-object {two:.3f}\n")
                 log.flush()
             if done % args.ckpt_every == 0 or done == steps:
-                save_atomic(pack(stage, parts, args, done, opt), path)
+                save_atomic(pack(stage, parts, args, done, opt, seconds), path)
         if world > 1 and (done % args.ckpt_every == 0 or done == steps):
             dist.barrier()
+        t_last = time.time()
     if log:
         log.close()
     if world > 1:
