@@ -1,0 +1,427 @@
+"""
+Benchmark of STAR (star.py): generation latency, throughput, peak memory, FLOPs and the achieved
+fraction of the device's peak; with --train, training steps (tokens/s and utilisation).
+
+The model is a named preset of star.py with random weights built on the device (no download; the
+presets run with VAR's ch160 VQ-VAE of tokenizer.py, random too), the small model of the bundled demo
+(--preset demo: 64px, the size train.py trains by default), or a checkpoint of train.py (--ckpt).
+Generation is STAR.generate from text states to decoded images with classifier-free guidance (both
+guidance rows in one batch), timed after warm-up with the device synchronised. The text encoder
+(clip_text.py) is not timed; random text states stand in for it. FLOPs are counted analytically
+(`generation_flops`, `train_flops`: 2 per multiply-add of every matmul, attention score and conv).
+
+    python bench.py --preset demo --device cpu                       # the bundled model's size, on a CPU
+    python bench.py --preset star-1024-sampler                       # one GPU, bf16: with and without the head
+    python bench.py --preset star-1024-d30 --batch-size 4 --compile
+    python bench.py --preset star-256-d16 --train --batch-size 32    # training steps, bf16 autocast
+    python bench.py --ckpt checkpoints/shapes.pt --sample-prompt "a red circle" --json
+"""
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from star import STAR, STARConfig
+from tokenizer import VQVAE, VQVAEConfig
+
+TEXT_LEN = 77  # CLIP's context: cross-attention always runs over all 77 states (padding is masked)
+
+# -----------------------------------------------------------------------------
+# the models to measure
+
+# The bundled demo (train.py's defaults): 64px, 6 scales, depth 4 width 128, a 2-layer text encoder of
+# width 128, a ch32 VQ-VAE with 512 codes, the sampler head from scale 4; and its sampling settings.
+DEMO_STAR = STARConfig(depth=4, width=128, num_heads=2, patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=512,
+                       text_dim=128, head=True, sample_from_idx=4, cross_attn_mode='per_row', drop_path_rate=0.0)
+DEMO_VAE = VQVAEConfig(vocab_size=512, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=DEMO_STAR.patch_nums)
+DEMO_SAMPLING = dict(cfg=2.0, top_k=10, top_p=0.0)
+RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # STAR.generate's defaults
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, by a substring of the device name.
+PEAK_TFLOPS_16BIT = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}
+
+
+def configs(preset):
+    """(STARConfig, VQVAEConfig) of a preset: the released models use VAR's ch160 VQ-VAE at their scales."""
+    if preset == 'demo':
+        return DEMO_STAR, DEMO_VAE
+    star_config = STARConfig.preset(preset)
+    return star_config, VQVAEConfig(vocab_size=star_config.vocab_size, patch_nums=star_config.patch_nums)
+
+
+def check_stable(args, config, name):
+    if args.stable and not config.head:
+        raise ValueError(f"--stable: {name} has no sampler head; use --preset star-1024-sampler or a head checkpoint")
+
+
+def build(args, device, dtype):
+    """-> (model with its VQ-VAE, name, sampling settings). Weights in `dtype`, the VQ-VAE in float32."""
+    if args.ckpt:
+        path = Path(args.ckpt)
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt {path}: no such file; pass a checkpoint written by train.py")
+        ck = torch.load(path, map_location='cpu', weights_only=True)
+        if not (isinstance(ck, dict) and 'vae_config' in ck and 'star' in ck):
+            raise ValueError(f"--ckpt {path}: expected a train.py checkpoint of the star or head stage "
+                             "(with 'vae_config', 'vae' and 'star'); use --preset for random weights")
+        vae = VQVAE(VQVAEConfig(**ck['vae_config']))
+        vae.load_state_dict({k: v.float() for k, v in ck['vae'].items()})
+        model = STAR.from_pretrained(path, vae)
+        name, sampling = path.name, dict(ck.get('sampling', RELEASED_SAMPLING))
+        check_stable(args, model.config, name)
+    else:
+        star_config, vae_config = configs(args.preset)
+        check_stable(args, star_config, args.preset)   # before spending time on building the model
+        with torch.device(device):  # random weights initialised where they run: no copy of 2B floats
+            vae = VQVAE(vae_config)
+            model = STAR(star_config, vae)
+        name, sampling = args.preset, dict(DEMO_SAMPLING if args.preset == 'demo' else RELEASED_SAMPLING)
+    vae.to(device).eval()
+    model.to(device, dtype).eval()
+    sampling.update({k: v for k, v in (('cfg', args.cfg), ('top_k', args.top_k), ('top_p', args.top_p)) if v is not None})
+    return model, name, sampling
+
+# -----------------------------------------------------------------------------
+# FLOPs, counted from the configs (2 FLOPs per multiply-add)
+
+
+def block_flops(C, hidden, l, keys, rows):
+    """One self-attention + FFN block on `rows` rows of l tokens that attend to `keys` keys."""
+    linear = rows * 2 * l * C * (3 * C + C + 2 * hidden)  # qkv, proj, fc1 + fc2
+    attention = rows * 2 * 2 * l * keys * C               # q k^T and att v over all heads
+    return linear, attention
+
+
+def generation_flops(config, vae_config, stable=False, text_len=TEXT_LEN):
+    """FLOPs to generate one image with guidance (2 rows: conditional and unconditional), by part.
+
+    trunk_linear: every linear layer of the trunk's blocks, the start token, the input embedding and the
+      output layer at every scale (the output layer is skipped at the last scale under stable sampling);
+    self_attention: scores and weighted sums of each scale against the KV cache (all coarser scales);
+    cross_attention: the text keys/values (once per generation), queries, output projection and scores
+      over the 77 text states; in 'batch_of_one' mode only the conditional row runs it;
+    head: the sampler head's passes (1 + pn*pn tokens, bidirectional) at every non-trunk commit step;
+    vq_decode: the Phi convs of every scale and the VQ-VAE decoder's convs and attention.
+    """
+    C, D, V, Cv = config.width, config.text_dim, config.vocab_size, config.vae_dim
+    hidden, N = round(C * config.mlp_ratio), 2
+    cross_rows = 1 if config.cross_attn_mode == 'batch_of_one' else N
+    K = len(config.patch_nums)
+    f = dict(trunk_linear=0, self_attention=0, cross_attention=0, head=0, vq_decode=0)
+    f['trunk_linear'] += N * 2 * D * C                                     # start token (pooled text)
+    f['cross_attention'] += config.depth * cross_rows * 2 * text_len * D * 2 * C  # text keys and values
+    end = 0
+    for si, pn in enumerate(config.patch_nums):
+        l = pn * pn
+        end += l
+        linear, attention = block_flops(C, hidden, l, end, N)
+        f['trunk_linear'] += config.depth * linear
+        f['self_attention'] += config.depth * attention
+        f['cross_attention'] += config.depth * cross_rows * (2 * l * C * 2 * C + 2 * 2 * l * text_len * C)
+        if si > 0:
+            f['trunk_linear'] += 2 * l * Cv * C                             # word_embed, once per prompt
+        last = si == K - 1
+        if stable and si >= config.sample_from_idx:
+            steps = config.stable_steps_last if last else config.stable_steps
+            trunk_steps = 0 if last else config.stable_trunk_steps
+            if trunk_steps:
+                f['trunk_linear'] += N * 2 * l * C * V
+            lh = 1 + l                                                      # text token + the scale
+            per_pass = N * (2 * D * C + 2 * l * Cv * C + 2 * lh * 2 * C * C + 2 * lh * C * V)
+            for _ in range(config.head_depth):
+                linear, attention = block_flops(C, hidden, lh, lh, N)
+                per_pass += linear + attention
+            f['head'] += (steps - trunk_steps) * per_pass
+        else:
+            f['trunk_linear'] += N * 2 * l * C * V                          # output layer
+    f['vq_decode'] = vq_decode_flops(vae_config)
+    return f
+
+
+def conv_flops(c_in, c_out, k, side):
+    return 2 * c_in * c_out * k * k * side * side
+
+
+def vq_decode_flops(vae_config):
+    """Phi convs of every scale (at the latent side), post_quant_conv and the decoder, for one image."""
+    cfg, s = vae_config, vae_config.patch_nums[-1]
+    z, widths = cfg.z_channels, [cfg.ch * m for m in cfg.ch_mult]
+    total = len(cfg.patch_nums) * conv_flops(z, z, 3, s) + conv_flops(z, z, 3, s)  # Phi, post_quant_conv
+
+    def resnet(c_in, c_out, side):
+        return (conv_flops(c_in, c_out, 3, side) + conv_flops(c_out, c_out, 3, side)
+                + (conv_flops(c_in, c_out, 1, side) if c_in != c_out else 0))
+
+    def attn(c, side):  # 1x1 qkv and proj convs, one head over side*side positions
+        return conv_flops(c, 4 * c, 1, side) + 2 * 2 * (side * side) ** 2 * c
+
+    c = widths[-1]
+    total += conv_flops(z, c, 3, s) + 2 * resnet(c, c, s) + attn(c, s)       # conv_in, middle
+    for i in reversed(range(len(widths))):                                 # lowest resolution first
+        for _ in range(cfg.num_res_blocks + 1):
+            total += resnet(c, widths[i], s) + (attn(widths[i], s) if i == len(widths) - 1 else 0)
+            c = widths[i]
+        if i != 0:
+            s *= 2
+            total += conv_flops(c, c, 3, s)                                # upsample conv
+    return total + conv_flops(c, 3, 3, s)                                  # conv_out
+
+
+def train_flops(config, text_len=TEXT_LEN):
+    """FLOPs of one teacher-forced training sample of the trunk, forward and backward (3x forward).
+
+    Attention is counted over the full L x L scores: the block-causal mask is applied by masking, so
+    the attention kernels compute every score (the same convention as counting causal attention in full).
+    """
+    C, D, V, L = config.width, config.text_dim, config.vocab_size, config.seq_len
+    linear, attention = block_flops(C, round(C * config.mlp_ratio), L, L, 1)
+    cross = 2 * text_len * D * 2 * C + 2 * L * C * 2 * C + 2 * 2 * L * text_len * C
+    forward = (config.depth * (linear + attention + cross)
+               + 2 * D * C + 2 * (L - 1) * config.vae_dim * C + 2 * L * C * V)
+    return 3 * forward
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def pick_device(name):
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    if name == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(device):
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    """Peak memory allocated by torch on a GPU; on the CPU the process's peak resident set (all of it)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == 'mps':
+        return torch.mps.driver_allocated_memory() / 2**30
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if platform.system() == 'Darwin' else 2**20)
+
+
+def peak_tflops(args, device, dtype):
+    """--peak-tflops, else the dense 16-bit peak of a known GPU, else None (utilisation not reported)."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type == 'cuda' and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS_16BIT.items() if k in name), None)
+    return None
+
+
+def timed(fn, device, warmup, iters):
+    """Seconds of each of `iters` calls of fn after `warmup` calls, the device synchronised around each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def random_text(config, rows, device, dtype, generator):
+    """Stand-ins for the text encoder's outputs: states (rows, 77, D), mask (12 real tokens), pooled."""
+    hidden = torch.randn(rows, TEXT_LEN, config.text_dim, generator=generator).to(device, dtype)
+    mask = torch.zeros(rows, TEXT_LEN, dtype=torch.long)
+    mask[:, :12] = 1
+    pooled = torch.randn(rows, config.text_dim, generator=generator).to(device, dtype)
+    return hidden, mask.to(device), pooled
+
+
+def bench_generation(model, args, device, dtype, sampling, stable):
+    B = args.batch_size
+    g = torch.Generator().manual_seed(0)
+    prompt, empty = random_text(model.config, B, device, dtype, g), random_text(model.config, 1, device, dtype, g)
+
+    def run():
+        model.generate(*prompt, *empty, generator=g, stable=stable, **sampling)
+
+    reset_peak_memory(device)
+    times = timed(run, device, args.warmup, args.iters)
+    latency = statistics.median(times)
+    flops = generation_flops(model.config, model.vae.config, stable)
+    return dict(mode='generate', stable=stable, batch_size=B, sampling=sampling, latency_s=latency,
+                s_per_image=latency / B, images_per_s=B / latency, times_s=times,
+                peak_memory_gib=peak_memory_gib(device), flops_per_image=sum(flops.values()),
+                flops_by_part=flops, achieved_tflops=sum(flops.values()) * B / latency / 1e12)
+
+
+def bench_training(model, args, device, dtype):
+    """Steps of AdamW on the trunk's loss (random inputs); 16-bit dtypes run as autocast on float32 weights."""
+    config, B = model.config, args.batch_size
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, config.seq_len - 1, config.vae_dim, generator=g).to(device)
+    text = random_text(config, B, device, torch.float32, g)
+    targets = torch.randint(0, config.vocab_size, (B, config.seq_len), generator=g).to(device)
+    head = {id(p) for p in model.head_parameters()} if config.head else set()
+    trunk = [p for p in model.parameters() if id(p) not in head]   # the head trains later, on a frozen trunk
+    opt = torch.optim.AdamW(trunk, lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            loss = model.loss(x, *text, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_peak_memory(device)
+    times = timed(step, device, args.warmup, args.iters)
+    step_s = statistics.median(times)
+    flops = train_flops(config) * B
+    return dict(mode='train', batch_size=B, step_s=step_s, times_s=times, tokens_per_s=B * config.seq_len / step_s,
+                peak_memory_gib=peak_memory_gib(device), flops_per_step=flops, achieved_tflops=flops / step_s / 1e12)
+
+
+def bench_sample_command(prompt, iters):
+    """Wall time of the whole `python sample.py --prompt ...` (start-up, loading, encoding, sampling, saving)."""
+    root = Path(__file__).resolve().parent
+    if not (root / 'sample.py').is_file() or not (root / 'checkpoints' / 'shapes.pt').is_file():
+        return dict(mode='sample_command', skipped='sample.py or checkpoints/shapes.pt not found')
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(iters):
+            cmd = [sys.executable, str(root / 'sample.py'), '--prompt', prompt, '--out', str(Path(tmp) / f'{i}.png')]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+            times.append(time.perf_counter() - t0)
+            if done.returncode:
+                return dict(mode='sample_command', failed=done.stderr.strip().splitlines()[-1:])
+    return dict(mode='sample_command', prompt=prompt, wall_s=statistics.median(times), times_s=times)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def describe(r, peak):
+    """One human-readable line of a result."""
+    if r['mode'] == 'sample_command':
+        if 'wall_s' not in r:
+            return f"sample.py: {r.get('skipped') or r.get('failed')}"
+        return f"python sample.py --prompt ...: {r['wall_s']:.2f} s wall (median of {len(r['times_s'])})"
+    util = f", {100 * r['achieved_tflops'] / peak:.1f}% of {peak:g} TFLOP/s peak" if peak else ""
+    if r['mode'] == 'train':
+        return (f"train: {r['step_s'] * 1e3:.1f} ms/step at batch {r['batch_size']}, {r['tokens_per_s']:,.0f} tokens/s, "
+                f"peak memory {r['peak_memory_gib']:.2f} GiB, {r['flops_per_step'] / 1e12:.3g} TFLOP/step, "
+                f"{r['achieved_tflops']:.3g} TFLOP/s{util}")
+    parts = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in r['flops_by_part'].items())
+    return (f"generate {'with' if r['stable'] else 'without'} the sampler head: {r['latency_s'] * 1e3:.1f} ms/batch of "
+            f"{r['batch_size']}, {r['s_per_image'] * 1e3:.1f} ms/image, {r['images_per_s']:.2f} images/s, "
+            f"peak memory {r['peak_memory_gib']:.2f} GiB, {r['flops_per_image'] / 1e9:.4g} GFLOP/image "
+            f"({parts}), {r['achieved_tflops']:.3g} TFLOP/s{util}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', default='demo', help="'demo' (the bundled 64px model's size) or a STARConfig preset "
+                   "(star-256-d16, star-256-d30, star-512-d30, star-1024-d30, star-1024-sampler); random weights")
+    p.add_argument('--ckpt', default=None, help="a train.py checkpoint to measure instead of a preset")
+    p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help="auto: cuda, mps, cpu")
+    p.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16', 'float16'),
+                   help="weights and activations (the VQ-VAE stays float32); auto: bfloat16 on cuda, else float32")
+    p.add_argument('--batch-size', type=int, default=1, help="prompts per generate call / samples per training step")
+    stable = p.add_mutually_exclusive_group()
+    stable.add_argument('--stable', action='store_true', help="only generation with the sampler head")
+    stable.add_argument('--no-stable', action='store_true', help="only generation without the sampler head "
+                        "(default: both where the model has a head)")
+    p.add_argument('--cfg', type=float, default=None, help="guidance scale (default: the model's sampling settings)")
+    p.add_argument('--top-k', type=int, default=None, help="top-k filter (default: the model's sampling settings)")
+    p.add_argument('--top-p', type=float, default=None, help="top-p filter (default: the model's sampling settings)")
+    p.add_argument('--train', action='store_true', help="time training steps instead of generation")
+    p.add_argument('--warmup', type=int, default=2, help="untimed calls first (and torch.compile's compilation)")
+    p.add_argument('--iters', type=int, default=5, help="timed calls; the median is reported")
+    p.add_argument('--compile', action='store_true', help="torch.compile every transformer block")
+    p.add_argument('--threads', type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument('--peak-tflops', type=float, default=None,
+                   help="the device's peak TFLOP/s for the utilisation figure (default: known GPUs in 16-bit)")
+    p.add_argument('--sample-prompt', default=None,
+                   help="also time the whole `python sample.py --prompt TEXT` command (needs checkpoints/shapes.pt)")
+    p.add_argument('--json', action='store_true', help="print one JSON object instead of text")
+    args = p.parse_args(argv)
+    for flag in ('batch_size', 'iters'):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
+    if args.ckpt and args.preset != 'demo':
+        p.error("give either --preset or --ckpt, not both")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype != 'auto' else \
+        torch.bfloat16 if device.type == 'cuda' else torch.float32
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (and the VQ decode) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    model, name, sampling = build(args, device, torch.float32 if args.train else dtype)
+    if args.compile:
+        for block in list(model.blocks) + list(getattr(model, 'feat_extract_blocks', [])):
+            block.compile()  # in place: the state_dict keys stay the same
+    peak = peak_tflops(args, device, dtype)
+    results = []
+    if args.train:
+        results.append(bench_training(model, args, device, dtype))
+    else:
+        for stable in ([True] if args.stable else [False] if args.no_stable or not model.config.head else [False, True]):
+            results.append(bench_generation(model, args, device, dtype, sampling, stable))
+    if args.sample_prompt:
+        results.append(bench_sample_command(args.sample_prompt, args.iters))
+    for r in results:
+        if peak and 'achieved_tflops' in r:
+            r['utilisation'] = r['achieved_tflops'] / peak
+    info = dict(model=name, config=asdict(model.config), device=str(device), dtype=str(dtype).replace('torch.', ''),
+                device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(), torch=torch.__version__, compile=args.compile,
+                date=time.strftime('%Y-%m-%d'), peak_tflops=peak,
+                params=sum(p.numel() for p in model.parameters()))
+    if args.json:
+        print(json.dumps(dict(info, results=results)))
+        return
+    print(f"{name}: {info['params'] / 1e6:.1f}M parameters, {info['device']} ({info['device_name']}, "
+          f"{info['threads']} threads), {info['dtype']}{', compiled' if args.compile else ''}, torch {torch.__version__}")
+    for r in results:
+        print(describe(r, peak))
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

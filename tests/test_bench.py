@@ -1,0 +1,154 @@
+"""Tests for bench.py: the analytic FLOP counts against torch's own count of the same run, then the
+command end to end on a CPU (demo size, one timed call): text and JSON output, training, checkpoints."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from star import STAR
+from tokenizer import VQVAE
+
+FAST = ['--preset', 'demo', '--device', 'cpu', '--warmup', '0', '--iters', '1', '--threads', '1']
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and much faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.manual_seed(0)
+    vae = VQVAE(bench.DEMO_VAE).eval()
+    return STAR(bench.DEMO_STAR, vae).eval(), vae
+
+
+def counted_flops(fn):
+    """torch's FLOP count of fn: every mm/addmm/bmm/conv. The math attention kernel runs the scores as
+    bmm, so they are counted too (the fused CPU kernel is not known to FlopCounterMode)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+# ---------------------------------------------------------------- FLOP counts
+
+
+@pytest.mark.parametrize("mode", ["per_row", "batch_of_one"])
+@pytest.mark.parametrize("stable", [False, True])
+def test_generation_flops_match_torch_count(demo, mode, stable):
+    """Both counts take 2 FLOPs per multiply-add of every matmul, attention score and conv and nothing
+    else (norms, softmax, sampling, resizing are left out by both), so they agree exactly: every
+    linear layer, the KV-cache attention, the cross-attention, the head passes and the VQ decode."""
+    model, vae = demo
+    model.config = config = replace(bench.DEMO_STAR, cross_attn_mode=mode)
+    g = torch.Generator().manual_seed(0)
+    prompts, empty = bench.random_text(config, 2, "cpu", torch.float32, g), bench.random_text(config, 1, "cpu", torch.float32, g)
+    got = counted_flops(lambda: model.generate(*prompts, *empty, generator=g, stable=stable, top_k=10))
+    parts = bench.generation_flops(config, bench.DEMO_VAE, stable)
+    assert got == 2 * sum(parts.values())                                   # 2 images
+    assert (parts["head"] > 0) == stable and all(v > 0 for k, v in parts.items() if k != "head")
+    model.config = bench.DEMO_STAR
+    assert counted_flops(lambda: vae.fhat_to_img(torch.randn(1, 32, 8, 8))) == \
+        bench.vq_decode_flops(bench.DEMO_VAE) - 6 * bench.conv_flops(32, 32, 3, 8)  # less the Phi of 6 scales
+
+
+def test_train_flops_close_to_torch_count(demo):
+    """Training counts 3x the forward (the usual convention: backward = 2 matmuls per forward matmul).
+    The real backward skips the input gradients of the first layer and of the text keys/values (their
+    inputs need no gradient), about 2% of the total at this size: 5% tolerance."""
+    model, _ = demo
+    config, B = bench.DEMO_STAR, 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, config.seq_len - 1, config.vae_dim, generator=g)
+    text = bench.random_text(config, B, "cpu", torch.float32, g)
+    targets = torch.randint(0, config.vocab_size, (B, config.seq_len), generator=g)
+    model.train()
+    got = counted_flops(lambda: model.loss(x, *text, targets).backward())
+    model.eval().zero_grad(set_to_none=True)
+    want = B * bench.train_flops(config)
+    assert want > got and abs(want - got) / got < 0.05, (want, got)
+
+# ---------------------------------------------------------------- the command
+
+
+def test_demo_generation_prints_every_figure(capsys):
+    bench.main(FAST)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("demo:") and "cpu" in lines[0] and "float32" in lines[0]
+    assert [l.split(":")[0] for l in lines[1:]] == ["generate without the sampler head", "generate with the sampler head"]
+    for line in lines[1:]:
+        for field in ("ms/image", "images/s", "peak memory", "GFLOP/image", "trunk_linear", "self_attention",
+                      "cross_attention", "head", "vq_decode", "TFLOP/s"):
+            assert field in line
+        assert "% of" not in line                                            # no known peak on a CPU
+
+
+def test_json_output_and_utilisation(capsys):
+    bench.main(FAST + ['--no-stable', '--batch-size', '2', '--json', '--peak-tflops', '1.5'])
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "demo" and out["device"] == "cpu" and out["dtype"] == "float32" and out["peak_tflops"] == 1.5
+    (r,) = out["results"]
+    assert r["mode"] == "generate" and r["stable"] is False and r["batch_size"] == 2
+    assert r["latency_s"] > 0 and r["images_per_s"] == pytest.approx(2 / r["latency_s"])
+    assert r["s_per_image"] == pytest.approx(r["latency_s"] / 2) and r["peak_memory_gib"] > 0
+    assert r["flops_per_image"] == sum(bench.generation_flops(bench.DEMO_STAR, bench.DEMO_VAE).values())
+    assert r["utilisation"] == pytest.approx(r["flops_per_image"] * 2 / r["latency_s"] / 1.5e12)
+    assert r["sampling"] == bench.DEMO_SAMPLING
+
+
+def test_train_mode(capsys):
+    bench.main(FAST + ['--train', '--batch-size', '2', '--json'])
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert r["mode"] == "train" and r["step_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(2 * bench.DEMO_STAR.seq_len / r["step_s"])
+    assert r["flops_per_step"] == 2 * bench.train_flops(bench.DEMO_STAR)
+
+
+def test_checkpoint_and_errors(demo, tmp_path, capsys):
+    """A train.py checkpoint (fp16 weights as exported) is measured with its own sampling settings."""
+    model, vae = demo
+    half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    ck = {"format": "star-pipeline", "stage": "head", "vae_config": vars(vae.config), "vae": half(vae.state_dict()),
+          "star_config": vars(model.config), "star": half(model.state_dict()),
+          "sampling": dict(cfg=3.0, top_k=5, top_p=0.0)}
+    torch.save(ck, tmp_path / "shapes.pt")
+    bench.main(['--ckpt', str(tmp_path / "shapes.pt")] + FAST[2:] + ['--stable', '--top-k', '7', '--json'])
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "shapes.pt" and [r["stable"] for r in out["results"]] == [True]
+    assert out["results"][0]["sampling"] == dict(cfg=3.0, top_k=7, top_p=0.0)
+    with pytest.raises(FileNotFoundError, match="no-such.pt"):
+        bench.main(['--ckpt', str(tmp_path / "no-such.pt")] + FAST[2:])
+    with pytest.raises(ValueError, match="no sampler head"):
+        bench.main(['--preset', 'star-256-d16', '--stable', '--device', 'cpu'])
+    with pytest.raises(SystemExit):
+        bench.main(FAST + ['--iters', '0'])
+
+# ---------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_tokens(demo, request):
+    """--compile compiles every block in place; greedy and seeded stable generation are unchanged."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("compiles for a minute or more on a CPU; run with -m slow")
+    model, vae = demo
+    g = torch.Generator().manual_seed(0)
+    prompts, empty = bench.random_text(model.config, 2, "cpu", torch.float32, g), bench.random_text(model.config, 1, "cpu", torch.float32, g)
+    kw = dict(top_k=1, return_indices=True)
+    eager = [model.generate(*prompts, *empty, generator=torch.Generator().manual_seed(3), stable=s, **kw) for s in (False, True)]
+    compiled = STAR(model.config, vae).eval()
+    compiled.load_state_dict(model.state_dict())
+    for block in list(compiled.blocks) + list(compiled.feat_extract_blocks):
+        block.compile()
+    for stable, (img, idx) in zip((False, True), eager):
+        img_c, idx_c = compiled.generate(*prompts, *empty, generator=torch.Generator().manual_seed(3), stable=stable, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(idx, idx_c)), f"stable={stable}"
+        assert (img - img_c).abs().max() < 1e-4
