@@ -1,0 +1,645 @@
+"""
+Text-to-image sampling with STAR (arXiv 2406.10797): the bundled shapes model or the released weights.
+
+A Pipeline joins the four pieces of the other files: the BPE tokenizer and CLIP text encoder of
+clip_text.py turn prompts into text states, STAR (star.py) draws the token maps scale by scale with
+classifier-free guidance (the empty prompt "" is the unconditional branch; sec. 3 of the paper), and the
+multi-scale VQ-VAE of tokenizer.py decodes them. `load_pipeline` reads a checkpoint written by train.py;
+`load_released` builds the same from the released files (STAR weights, VAR's VQ-VAE, SD-2.1's text
+encoder and tokenizer). Images come back as uint8 arrays (N, H, W, 3); a seed fixes them.
+
+  python sample.py --prompt "a red circle above a blue square"            # bundled model -> sample.png
+  python sample.py --prompts-file prompts.txt --num-images 4 --out-dir out --grid --save-scales
+  python sample.py --preset star-1024-sampler --star star-1024-sampler.pth --vae vae_ch160v4096z32.pth \\
+      --text-encoder sd21/text_encoder --tokenizer sd21/tokenizer --prompt "a corgi on the moon"
+Tests: python -m pytest -q tests/test_sample.py
+"""
+import argparse
+import math
+import pickle
+import resource
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from clip_text import TextConfig, TextEncoder, Tokenizer
+from star import PRESETS, STAR, STARConfig
+from tokenizer import VQVAE, VQVAEConfig
+
+# -----------------------------------------------------------------------------
+# defaults
+
+DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "shapes.pt"
+TRAIN_COMMAND = ("python train.py --out runs/shapes && "
+                 "python train.py --export runs/shapes/head.pt checkpoints/shapes.pt")
+# Sampling settings when the caller gives none. A checkpoint's own 'sampling' entry wins over these.
+SHAPES_SAMPLING = dict(cfg=2.5, top_k=10, top_p=0.0)    # the shapes world: few, crisp colours
+RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # the reference's demo for the released models
+PIPELINE_PARTS = ("vae_config", "vae", "tokenizer", "text_config", "text_encoder", "star_config", "star")
+
+# -----------------------------------------------------------------------------
+# reading weight files: every failure becomes one line naming the file
+
+
+def _load_failure(what, path, exc):
+    """A ValueError for a weights file torch.load refused, whatever the layer that called it."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if any(isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e) for e in chain):
+        return ValueError(f"{what} {path} is not a plain weights file: torch.load(weights_only=True) refused it "
+                          "(it holds pickled Python objects, or is no PyTorch file at all) and nothing in it was "
+                          "run; use a file of tensors from a trusted source")
+    e = chain[-1]
+    detail = (str(e).strip().splitlines() or [""])[0][:120]
+    return ValueError(f"{what} {path} could not be read ({type(e).__name__}{': ' + detail if detail else ''}); "
+                      "the file is truncated, corrupt or not a PyTorch weights file: download or copy it again")
+
+
+def read_weights(path, what):
+    """torch.load(path, weights_only=True) on the CPU, memory-mapped when the file allows it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes): download or copy it again")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # old pickle protocols warn; the content is checked below
+            try:                                   # mmap: nothing is read until a tensor is used
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):           # e.g. a truncated zip archive
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+    except Exception as e:
+        raise _load_failure(what, path, e) from None
+
+
+def _guarded(what, path, load):
+    """Run a library loader; a torch.load refusal inside it gets the same message as read_weights."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes): download or copy it again")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load()
+    except (ValueError, FileNotFoundError) as e:   # the library's own clear messages ...
+        cause = e.__cause__ or e.__context__
+        if cause is None or isinstance(cause, (ValueError, KeyError, IndexError)):
+            raise
+        raise _load_failure(what, path, e) from None  # ... unless torch.load itself failed underneath
+    except (OSError, EOFError, RuntimeError, UnicodeDecodeError, pickle.UnpicklingError) as e:
+        raise _load_failure(what, path, e) from None
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+
+class Pipeline:
+    """Tokenizer + text encoder + STAR (with its VQ-VAE): prompts in, uint8 images out.
+
+    sampling: default {cfg, top_k, top_p} for generate(); head_ready: whether STAR's sampler head is
+    trained (stable sampling is on by default then); source: where the weights came from (messages).
+    """
+
+    def __init__(self, tokenizer, text_encoder, vae, star, sampling, head_ready, source):
+        self.tokenizer, self.text_encoder, self.vae, self.star = tokenizer, text_encoder, vae, star
+        self.sampling, self.head_ready, self.source = dict(sampling), head_ready, source
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self._empty = None                                   # encoding of "" (guidance), made once
+
+    @property
+    def image_size(self):
+        return self.vae.config.downsample * self.star.config.patch_nums[-1]
+
+    def to(self, device=None, dtype=None):
+        """STAR runs in `dtype`; the text encoder and the VQ-VAE stay float32 (as in the reference)."""
+        self.device = torch.device(device or self.device)
+        self.dtype = dtype or self.dtype
+        self.text_encoder.to(self.device)
+        self.vae.to(self.device)
+        self.star.to(self.device, self.dtype)
+        self._empty = None
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Prompts -> text states (B, T, D), mask (B, T), pooled (B, D) on the pipeline's device."""
+        ids_BT, mask_BT = self.tokenizer(prompts, context_length=self.text_encoder.config.context_length)
+        ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
+        hidden_BTD, pooled_BD = self.text_encoder(ids_BT, mask_BT)
+        return hidden_BTD, mask_BT, pooled_BD
+
+    def check_options(self, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
+        """Raise one clear ValueError for a sampling option out of range."""
+        if not cfg >= 0:
+            raise ValueError(f"cfg={cfg}: the guidance scale must be >= 0 (0: no guidance; 2-5 is usual)")
+        if top_k < 0 or int(top_k) != top_k:
+            raise ValueError(f"top_k={top_k}: expected a whole number >= 0 (0 keeps every token, 1 is greedy)")
+        if not 0 <= top_p <= 1:
+            raise ValueError(f"top_p={top_p}: expected a probability mass in [0, 1] (0 or 1 switch it off)")
+        if images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt={images_per_prompt}: expected 1 or more")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected 1 or more images per batch")
+        if stable and not self.star.config.head:
+            raise ValueError(f"stable sampling needs a model with a sampler head, and {self.source} has none: "
+                             "leave it off (--no-stable)")
+        if stable and not self.head_ready:
+            raise ValueError(f"the sampler head of {self.source} is not trained yet (stage 'star'): leave stable "
+                             "sampling off, or train the 'head' stage with train.py")
+
+    def generate(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
+                 return_scales=False, batch_size=None, progress=False):
+        """Images for `prompts`: uint8 (N, H, W, 3), N = len(prompts) * images_per_prompt, prompt-major.
+
+        seed: seeds one CPU torch.Generator that draws every token, so a seed gives the same images on
+            every device up to float noise (for the same prompts, options and batch_size).
+        cfg, top_k, top_p: guidance scale and sampling filters; None takes self.sampling's value.
+        stable: commit the large scales with the sampler head; None = on when the head is trained.
+        return_scales: also return the image after every scale, uint8 (N, K, H, W, 3), coarse to fine.
+        batch_size: images generated at once (None: all); progress: show a tqdm bar over the scales.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of strings")
+        cfg = self.sampling["cfg"] if cfg is None else cfg
+        top_k = self.sampling["top_k"] if top_k is None else top_k
+        top_p = self.sampling["top_p"] if top_p is None else top_p
+        stable = self.head_ready if stable is None else stable
+        self.check_options(cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        if self._empty is None:
+            self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D)
+        text = [t.repeat_interleave(images_per_prompt, dim=0) for t in self.encode(list(prompts))]
+        N = text[0].shape[0]
+        batch_size = batch_size or N
+        generator = torch.Generator().manual_seed(seed)
+        images, scales = [], []
+        for b, start in enumerate(range(0, N, batch_size)):
+            rows = [t[start:start + batch_size] for t in text]
+            bar = tqdm(total=len(self.star.config.patch_nums), unit="scale", disable=not progress,
+                       desc=f"batch {b + 1}/{math.ceil(N / batch_size)}")
+
+            def tick(module, inputs, output):               # the last trunk block runs once per scale
+                bar.update(1)
+            hook = self.star.blocks[-1].register_forward_hook(tick)
+            try:
+                out = self.star.generate(*rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p,
+                                         generator=generator, stable=stable, return_scales=return_scales)
+            except BaseException:
+                bar.leave = False                           # an error message should not follow a dead bar
+                raise
+            finally:
+                hook.remove()
+                bar.close()
+            img_B3HW, per_scale = (out if return_scales else (out, None))
+            images.append(to_uint8(img_B3HW))
+            if return_scales:
+                scales.append(np.stack([to_uint8(s) for s in per_scale], axis=1))  # (B, K, H, W, 3)
+        images = np.concatenate(images)
+        return (images, np.concatenate(scales)) if return_scales else images
+
+
+def to_uint8(img_B3HW):
+    """[0, 1] images (B, 3, H, W) -> uint8 (B, H, W, 3), rounded to the nearest grey level."""
+    return img_B3HW.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+# -----------------------------------------------------------------------------
+# our own checkpoints (train.py)
+
+
+def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=None, rope_theta=None):
+    """Build a Pipeline from a checkpoint written by train.py (any stage after 'vae', or its export).
+
+    Weights stored in half precision are cast to float32. patch_nums / rope_norm / rope_theta override
+    the saved STAR config (same number of scales; the last one is fixed by the VQ-VAE).
+    """
+    ck = read_weights(path, "checkpoint")
+    if not isinstance(ck, dict) or ck.get("format") != "star-pipeline":
+        raise ValueError(f"checkpoint {path} was not written by train.py; for released STAR weights use "
+                         "--preset/--star/--vae/--text-encoder/--tokenizer")
+    if ck.get("stage") == "vae":
+        raise ValueError(f"checkpoint {path} holds only the VQ-VAE (stage 'vae'): sampling needs STAR, so "
+                         "let train.py run its 'star' stage (python train.py --out DIR --resume)")
+    absent = [k for k in PIPELINE_PARTS if k not in ck]
+    if absent:
+        raise ValueError(f"checkpoint {path} is incomplete: it lacks {absent}; write it again with train.py")
+    try:
+        vae_config, star_config = VQVAEConfig(**ck["vae_config"]), STARConfig(**ck["star_config"])
+        star_config = _override(star_config, patch_nums, rope_norm, rope_theta, f"checkpoint {path}")
+        if star_config.patch_nums[-1] != vae_config.patch_nums[-1]:
+            raise ValueError(f"--patch-nums {','.join(map(str, star_config.patch_nums))} ends at "
+                             f"{star_config.patch_nums[-1]}, but the VQ-VAE of {path} decodes "
+                             f"{vae_config.patch_nums[-1]}x{vae_config.patch_nums[-1]} latents "
+                             f"({vae_config.image_size}px images): end the list at {vae_config.patch_nums[-1]}")
+        vae = VQVAE(replace(vae_config, patch_nums=star_config.patch_nums))
+        vae.load_state_dict(ck["vae"])                   # load_state_dict copies: float16 -> float32
+        tokenizer = Tokenizer.from_state_dict(ck["tokenizer"])
+        text_encoder = TextEncoder(TextConfig(**ck["text_config"]))
+        text_encoder.load_state_dict(ck["text_encoder"])
+        star = STAR(star_config, vae)
+        star.load_state_dict(ck["star"])
+    except (TypeError, KeyError, RuntimeError) as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"checkpoint {path} is inconsistent ({type(e).__name__}: {detail}); "
+                         "write it again with train.py") from None
+    sampling = {**SHAPES_SAMPLING, **{k: v for k, v in (ck.get("sampling") or {}).items() if k in SHAPES_SAMPLING}}
+    head_ready = star_config.head and ck.get("stage") == "head"
+    pipe = Pipeline(tokenizer, text_encoder.eval(), vae.eval(), star.eval(), sampling, head_ready, str(path))
+    return pipe.to(device, dtype or torch.float32)
+
+
+def _override(config, patch_nums, rope_norm, rope_theta, source):
+    """STARConfig with the user's --patch-nums / --rope-norm / --rope-theta; the scale count is fixed."""
+    if patch_nums is not None and len(patch_nums) != len(config.patch_nums):
+        raise ValueError(f"--patch-nums gives {len(patch_nums)} scales, but {source} has {len(config.patch_nums)} "
+                         f"(one level embedding per scale): give {len(config.patch_nums)} sides, e.g. "
+                         f"{','.join(map(str, config.patch_nums))}")
+    changes = dict(patch_nums=patch_nums, rope_norm=rope_norm, rope_theta=rope_theta)
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+# -----------------------------------------------------------------------------
+# released weights (STAR on Hugging Face, VAR's VQ-VAE, SD-2.1's text encoder and tokenizer)
+
+
+def star_state_dict(ck, path):
+    """The STAR state dict inside a released / reference checkpoint, or a clear error for other files."""
+    if isinstance(ck, dict) and ck.get("format") == "star-pipeline":
+        raise ValueError(f"{path} is a checkpoint written by train.py, not released STAR weights: pass it as --ckpt")
+    sd = ck
+    if isinstance(ck, dict) and isinstance(ck.get("trainer"), dict) and "var_wo_ddp" in ck["trainer"]:
+        sd = ck["trainer"]["var_wo_ddp"]                     # {'trainer': {'var_wo_ddp': ...}}
+    elif isinstance(ck, dict) and isinstance(ck.get("model"), dict):
+        sd = ck["model"]                                     # {'config': ..., 'model': ...}
+    keys = set(sd) if isinstance(sd, dict) else set()
+    if {"pos_start", "lvl_embed.weight", "head_logits.weight", "word_embed.weight"} <= keys:
+        return sd
+    if "quantize.embedding.weight" in keys:
+        raise ValueError(f"{path} is a VQ-VAE checkpoint, not STAR weights: pass it as --vae, and the STAR file as --star")
+    if any(k.startswith(("text_model.", "encoder.layers.", "embeddings.token_embedding")) for k in keys):
+        raise ValueError(f"{path} holds a CLIP text encoder's weights, not STAR's: pass the folder holding it "
+                         "(with config.json) as --text-encoder, and the STAR file as --star")
+    found = sorted(keys)[:5] if keys else type(sd).__name__
+    raise ValueError(f"STAR weights {path}: not a STAR checkpoint (expected {{'trainer': {{'var_wo_ddp': ...}}}} or "
+                     f"a state dict with pos_start, lvl_embed.weight, blocks.0...; found {found})")
+
+
+def star_shape(sd):
+    """Everything about a STAR model that its weights' shapes tell: STARConfig fields + the scale count."""
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    width = sd["pos_start"].shape[-1]
+    shape = dict(depth=len(blocks), width=width, num_heads=sd["blocks.0.attn.scale_mul_1H11"].shape[1],
+                 mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / width,
+                 vocab_size=sd["head_logits.weight"].shape[0], vae_dim=sd["word_embed.weight"].shape[1],
+                 text_dim=sd["encoder_proj.weight"].shape[1], class_emb="class_emb.weight" in sd,
+                 head="head_proj.weight" in sd)
+    if shape["head"]:
+        shape["head_depth"] = len({int(k.split(".")[1]) for k in sd if k.startswith("feat_extract_blocks.")})
+    return shape, sd["lvl_embed.weight"].shape[0]
+
+
+def _describe(shape, K):
+    return (f"depth {shape['depth']}, width {shape['width']}, {K} scales, text width {shape['text_dim']}, "
+            f"{'with' if shape['head'] else 'without'} sampler head")
+
+
+def fitting_presets(shape, K):
+    """Names of the released presets whose weights have these shapes."""
+    def key(c):
+        fields = {f: getattr(c, f) for f in shape if f != "head_depth"}
+        return fields, (c.head_depth if c.head else None), len(c.patch_nums)
+    want = ({f: v for f, v in shape.items() if f != "head_depth"}, shape.get("head_depth"), K)
+    return [name for name, c in PRESETS.items() if key(c) == want]
+
+
+def released_config(sd, path, preset=None, patch_nums=None, rope_norm=None, rope_theta=None):
+    """STARConfig for released weights: the preset (checked against the shapes), the one preset that fits,
+    or, for weights that fit none, a config read off the shapes with the scales from --patch-nums."""
+    try:
+        shape, K = star_shape(sd)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"STAR weights {path}: cannot read the model's sizes (missing {e}); expected the "
+                         "layout of the released checkpoints") from None
+    fits = fitting_presets(shape, K)
+    source = f"STAR weights {path}"
+    if patch_nums is not None and len(patch_nums) != K:
+        raise ValueError(f"--patch-nums gives {len(patch_nums)} scales, but {source} has {K} (one level embedding "
+                         f"per scale): give {K} sides, coarse to fine")
+    if preset is not None:
+        if preset not in fits:
+            raise ValueError(f"--preset {preset} does not fit {source} ({_describe(shape, K)}); presets that fit: "
+                             f"{', '.join(fits) if fits else 'none (leave out --preset and give --patch-nums)'}")
+        config = PRESETS[preset]
+    elif fits and (patch_nums is not None or len({PRESETS[n].patch_nums for n in fits}) == 1):
+        config = PRESETS[fits[0]]
+    elif fits:
+        raise ValueError(f"{source} fit several presets ({', '.join(fits)}), which differ in resolution: "
+                         "pass --preset")
+    else:
+        if patch_nums is None:
+            raise ValueError(f"{source} fit no preset ({_describe(shape, K)}): pass --patch-nums with {K} "
+                             "sides, coarse to fine (and --rope-norm / --rope-theta if not 64 / 10000)")
+        # sample_from_idx is not stored in the weights: the released sampler starts at scale 9
+        config = STARConfig(**shape, patch_nums=patch_nums, cross_attn_mode="batch_of_one",
+                            sample_from_idx=9 if K > 9 else max(1, K - 3))
+    return _override(config, patch_nums, rope_norm, rope_theta, source)
+
+
+def load_released(star, vae, text_encoder, tokenizer, preset=None, patch_nums=None, rope_norm=None,
+                  rope_theta=None, device="cpu", dtype=None):
+    """Build a Pipeline from released files: STAR weights, VAR's VQ-VAE (vae_ch160v4096z32.pth), SD-2.1's
+    text_encoder folder and tokenizer folder (or OpenAI's bpe_simple_vocab_16e6.txt.gz)."""
+    for what, p, folder in (("STAR weights", star, False), ("VQ-VAE weights", vae, False),
+                            ("text encoder folder", text_encoder, True), ("tokenizer", tokenizer, None)):
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{what} {p} not found")
+        if folder is not None and Path(p).is_dir() != folder:
+            raise ValueError(f"{what} {p} is a {'file' if folder else 'folder'}; expected a "
+                             f"{'folder (with config.json and the weights)' if folder else 'file'}")
+    sd = star_state_dict(read_weights(star, "STAR weights"), star)
+    config = released_config(sd, star, preset, patch_nums, rope_norm, rope_theta)
+    del sd                                                    # from_pretrained reads the file itself
+    vae_model = _guarded("VQ-VAE weights", vae, lambda: VQVAE.from_pretrained(vae, patch_nums=config.patch_nums))
+    if (vae_model.config.vocab_size, vae_model.config.z_channels) != (config.vocab_size, config.vae_dim):
+        raise ValueError(f"VQ-VAE weights {vae} have a {vae_model.config.vocab_size}x{vae_model.config.z_channels} "
+                         f"codebook, but STAR weights {star} expect {config.vocab_size}x{config.vae_dim}: use the "
+                         "VQ-VAE the model was trained with (VAR's vae_ch160v4096z32.pth for the released models)")
+    text = _guarded("text encoder folder", text_encoder, lambda: TextEncoder.from_pretrained(text_encoder))
+    if text.config.width != config.text_dim:
+        raise ValueError(f"text encoder {text_encoder} is {text.config.width} wide, but STAR weights {star} expect "
+                         f"{config.text_dim}-wide text states: use the text encoder the model was trained with "
+                         "(SD-2.1's text_encoder for the released models)")
+    tok = _guarded("tokenizer", tokenizer, lambda: Tokenizer.from_file(tokenizer))
+    if tok.vocab_size > text.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens, more than the text encoder's "
+                         f"{text.config.vocab_size}: use the tokenizer that goes with {text_encoder}")
+    model = _guarded("STAR weights", star, lambda: STAR.from_pretrained(star, vae_model, config=config))
+    pipe = Pipeline(tok, text, vae_model, model, RELEASED_SAMPLING, config.head, str(star))
+    return pipe.to(device, dtype or torch.float32)
+
+# -----------------------------------------------------------------------------
+# pictures
+
+
+def contact_sheet(images_NHW3, cols, gap=2):
+    """Images side by side in rows of `cols`, on white, `gap` pixels apart: uint8 (H', W', 3)."""
+    N, H, W, _ = images_NHW3.shape
+    rows = math.ceil(N / cols)
+    sheet = np.full((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, img in enumerate(images_NHW3):
+        r, c = divmod(i, cols)
+        sheet[r * (H + gap): r * (H + gap) + H, c * (W + gap): c * (W + gap) + W] = img
+    return sheet
+
+
+def scale_strip(scales_KHW3, max_side=256):
+    """The image after every scale, coarse to fine, in one row (panels shrunk to max_side pixels)."""
+    panels = scales_KHW3
+    if panels.shape[1] > max_side:
+        panels = np.stack([np.asarray(Image.fromarray(p).resize((max_side, max_side), Image.LANCZOS))
+                           for p in panels])
+    return contact_sheet(panels, cols=len(panels))
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line starting with 'error:', exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                                # one line instead of usage + message
+        raise UserError(f"{message} (see python sample.py --help)")
+
+
+def _patch_nums(text):
+    try:
+        sides = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sides such as 1,2,3,4,6,8")
+    if any(s < 1 for s in sides) or any(a >= b for a, b in zip(sides, sides[1:])):
+        raise argparse.ArgumentTypeError(f"{text!r}: the sides must grow strictly from coarse to fine, e.g. 1,2,3,4,6,8")
+    return sides
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
+    g.add_argument("--prompts-file", help="a text file with one prompt per line (blank lines skipped)")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale >= 0 (default: the model's, "
+                   f"bundled {SHAPES_SAMPLING['cfg']}, released {RELEASED_SAMPLING['cfg']})")
+    g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
+                   f"(default: bundled {SHAPES_SAMPLING['top_k']}, released {RELEASED_SAMPLING['top_k']})")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
+                   f"(default: bundled {SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
+    g.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
+                   help="commit the large scales with the sampler head (default: on when the model has a trained one)")
+    g.add_argument("--batch-size", type=int, default=4, help="images generated at once (default 4; lower it "
+                   "if memory runs out)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: cuda, then mps, then cpu")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="STAR's precision; auto: bfloat16 on GPUs that support it, else float32")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help="image file for a single image, or the --grid sheet (default sample.png)")
+    g.add_argument("--out-dir", help="folder for 000.png, 001.png, ... in prompt order and prompts.txt "
+                   "(default samples/ when there are several images)")
+    g.add_argument("--grid", action="store_true", help="also write a contact sheet (grid.png, or --out)")
+    g.add_argument("--save-scales", action="store_true",
+                   help="also write the image after every scale, coarse to fine (NNN_scales.png / OUT_scales.png)")
+    g = p.add_argument_group("model: a checkpoint of ours")
+    g.add_argument("--ckpt", help="checkpoint written by train.py (default: the bundled checkpoints/shapes.pt)")
+    g = p.add_argument_group("model: released weights")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="which released model --star is")
+    g.add_argument("--star", help="STAR checkpoint (.pth)")
+    g.add_argument("--vae", help="VAR's VQ-VAE, vae_ch160v4096z32.pth")
+    g.add_argument("--text-encoder", help="SD-2.1 text_encoder folder (config.json + weights)")
+    g.add_argument("--tokenizer", help="SD-2.1 tokenizer folder or OpenAI's bpe_simple_vocab_16e6.txt.gz")
+    g.add_argument("--patch-nums", type=_patch_nums, help="token-map sides, coarse to fine, e.g. 1,2,3,4,5,6,8 "
+                   "(overrides the preset / checkpoint)")
+    g.add_argument("--rope-norm", type=float, help="RoPE positions span [0, rope_norm] at every scale (released: 64)")
+    g.add_argument("--rope-theta", type=float, help="RoPE base frequency (released: 10000)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Flag values and combinations, before anything is loaded. Returns the prompts."""
+    for flag, ok, want in (("--num-images", args.num_images >= 1, ">= 1"),
+                           ("--batch-size", args.batch_size >= 1, ">= 1"),
+                           ("--cfg", args.cfg is None or args.cfg >= 0, ">= 0"),
+                           ("--top-k", args.top_k is None or args.top_k >= 0, ">= 0 (0 keeps every token)"),
+                           ("--top-p", args.top_p is None or 0 <= args.top_p <= 1, "in [0, 1]"),
+                           ("--rope-norm", args.rope_norm is None or args.rope_norm > 0, "> 0"),
+                           ("--rope-theta", args.rope_theta is None or args.rope_theta > 0, "> 0")):
+        if not ok:
+            raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: expected a value {want}")
+    released = [f for f in ("star", "vae", "text_encoder", "tokenizer") if getattr(args, f)]
+    if args.ckpt and (released or args.preset):
+        raise UserError("--ckpt is one of our checkpoints; --preset/--star/--vae/--text-encoder/--tokenizer "
+                        "load released weights instead: give one or the other")
+    if (released or args.preset) and len(released) < 4:
+        missing = [f"--{f.replace('_', '-')}" for f in ("star", "vae", "text_encoder", "tokenizer")
+                   if not getattr(args, f)]
+        raise UserError(f"released weights need --star, --vae, --text-encoder and --tokenizer; missing {' '.join(missing)}")
+    if args.out and args.out_dir:
+        raise UserError("give --out FILE (one image or a --grid) or --out-dir DIR, not both")
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompts-file {path} cannot be read ({type(e).__name__}): expected a UTF-8 "
+                            "text file with one prompt per line")
+        from_file = [ln.strip() for ln in lines if ln.strip()]
+        if not from_file:
+            raise UserError(f"--prompts-file {path} has no prompts: write one prompt per line")
+        prompts += from_file
+    if not prompts:
+        raise UserError('no prompt: give --prompt "..." (repeatable) or --prompts-file FILE')
+    n = len(prompts) * args.num_images
+    if args.out:
+        if n > 1 and not args.grid:
+            raise UserError(f"--out {args.out} holds one image, but {len(prompts)} prompt(s) x {args.num_images} "
+                            f"= {n} images were asked for: use --out-dir DIR, or --grid for one sheet")
+        if Path(args.out).suffix.lower() not in Image.registered_extensions():
+            raise UserError(f"--out {args.out}: unknown image type {Path(args.out).suffix!r}; use a .png file name")
+    return prompts
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to this PyTorch; use --device cpu "
+                        "(or install a CUDA build of PyTorch)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's Metal backend is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def output_plan(args, n):
+    """(single image file or None, folder or None), created and checked before the model loads."""
+    out, out_dir = args.out, args.out_dir
+    if not out and not out_dir:
+        out, out_dir = ("sample.png", None) if n == 1 else (None, "samples")
+    target = Path(out_dir) if out_dir else Path(out).resolve().parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".sample_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        flag = "--out-dir" if out_dir else "--out"
+        raise UserError(f"{flag} {out_dir or out}: cannot write to {target} ({e.strerror or type(e).__name__}); "
+                        "choose a folder you can write to")
+    return (Path(out) if out else None), (Path(out_dir) if out_dir else None)
+
+
+def build_pipeline(args, device, dtype):
+    overrides = dict(patch_nums=args.patch_nums, rope_norm=args.rope_norm, rope_theta=args.rope_theta)
+    if args.star:
+        return load_released(args.star, args.vae, args.text_encoder, args.tokenizer, preset=args.preset,
+                             device=device, dtype=dtype, **overrides)
+    ckpt = Path(args.ckpt) if args.ckpt else DEFAULT_CKPT
+    if not args.ckpt and not ckpt.is_file():
+        raise UserError(f"no checkpoint at {ckpt}: train the bundled model with `{TRAIN_COMMAND}`, pass "
+                        "--ckpt PATH, or use released weights (--preset, --star, --vae, --text-encoder, --tokenizer)")
+    return load_pipeline(ckpt, device=device, dtype=dtype, **overrides)
+
+
+def save_outputs(prompts, images, scales, out, out_dir, grid, cols):
+    """Write the images (and sheets); returns what was written, for the summary line."""
+    if out is not None:
+        Image.fromarray(images[0] if len(images) == 1 else contact_sheet(images, cols)).save(out)
+        if scales is not None:
+            strips = [scale_strip(s) for s in scales]
+            Image.fromarray(np.concatenate(strips) if len(strips) == 1 else contact_sheet(np.stack(strips), 1)
+                            ).save(out.with_name(f"{out.stem}_scales.png"))
+        return str(out)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(out_dir / f"{i:03d}.png")
+        if scales is not None:
+            Image.fromarray(scale_strip(scales[i])).save(out_dir / f"{i:03d}_scales.png")
+    (out_dir / "prompts.txt").write_text("".join(" ".join(p.split()) + "\n" for p in prompts), encoding="utf-8")
+    if grid:
+        Image.fromarray(contact_sheet(images, cols)).save(out_dir / "grid.png")
+    return f"{out_dir}/000.png..{len(images) - 1:03d}.png"
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA, max allocated)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux, bytes on macOS
+    return f"{rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB (process max RSS)"
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    prompts = check_args(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    out, out_dir = output_plan(args, len(prompts) * args.num_images)
+    pipe = build_pipeline(args, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                               stable=args.stable, images_per_prompt=args.num_images,
+                               return_scales=args.save_scales, batch_size=args.batch_size, progress=True)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise UserError(f"out of memory on {device} generating {min(args.batch_size, len(prompts) * args.num_images)} "
+                        f"{pipe.image_size}px images at once ({type(e).__name__}): use --batch-size 1"
+                        + (", --dtype bfloat16" if dtype == torch.float32 and device.type != "cpu" else "")
+                        + " or a smaller model") from None
+    seconds = time.perf_counter() - t0
+    images, scales = result if args.save_scales else (result, None)
+    per_prompt_cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))
+    try:
+        written = save_outputs([p for p in prompts for _ in range(args.num_images)], images, scales, out, out_dir,
+                               args.grid, per_prompt_cols)
+    except OSError as e:
+        raise UserError(f"could not write the images ({e}); choose another --out / --out-dir") from None
+    print(f"wrote {written}")
+    print(f"{len(images)} image(s) of {pipe.image_size}x{pipe.image_size} in {seconds:.2f}s: "
+          f"{seconds / len(images):.3f} s/image on {device} ({str(dtype).removeprefix('torch.')}), "
+          f"peak memory {peak_memory(device)}")
+
+
+def main(argv=None):
+    """The command line; returns the exit status (0, or 2 after a one-line 'error:' message)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        try:
+            run(argv)
+        except (UserError, ValueError, FileNotFoundError) as e:
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Tests for sample.py: the fixture STAR through the released-weights path reproduces the reference image,
+then the command line on a tiny random checkpoint in train.py's format (files, seeds, outputs), then every
+error a user can make (one 'error:' line on stderr, exit code 2, no traceback)."""
+import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from clip_text import TextConfig, TextEncoder, Tokenizer
+from conftest import BPE_PATH, FIXTURES, ROOT, need_shared
+from star import PRESETS, STAR, STARConfig
+from tokenizer import VQVAE, VQVAEConfig
+
+CAPTIONS = ["a red circle on the left", "a blue square above a green triangle", "a small yellow triangle",
+            "a purple circle on a black background", "a large gray square on the right"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster and leaves the other core alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_tiny_checkpoint(path, stage="head", half=True, sampling=None):
+    """A random 64px pipeline saved as train.py does: VQ-VAE (8x downsampling), trained BPE, text encoder,
+    STAR with a sampler head; weights in float16 like the exported bundle."""
+    torch.manual_seed(0)
+    patch_nums = (1, 2, 3, 4, 6, 8)
+    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
+                            patch_nums=patch_nums))
+    tok = Tokenizer.train(CAPTIONS, vocab_size=560)
+    text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, width=32, layers=1, heads=1))
+    star = STAR(STARConfig(depth=1, width=64, num_heads=1, patch_nums=patch_nums, vocab_size=64, vae_dim=8,
+                           text_dim=32, head=True, head_depth=1, sample_from_idx=4, class_emb=False), vae)
+    # init_weights makes the logits almost uniform; larger output weights let the text matter
+    with torch.no_grad():
+        star.head_logits.weight.mul_(50)
+    cast = (lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}) if half else dict
+    ck = {"format": "star-pipeline", "stage": stage, "step": 1, "args": {"seed": 0},
+          "vae_config": dataclasses.asdict(vae.config), "vae": cast(vae.state_dict())}
+    if stage != "vae":
+        ck.update(tokenizer=tok.state_dict(), text_config=dataclasses.asdict(text.config),
+                  text_encoder=cast(text.state_dict()), star_config=dataclasses.asdict(star.config),
+                  star=cast(star.state_dict()))
+    if sampling is not None:
+        ck["sampling"] = sampling
+    torch.save(ck, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def cli(argv, capsys):
+    """Run the command line in-process: (exit status, stdout, stderr)."""
+    code = sample.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def png(path):
+    img = Image.open(path)
+    img.load()
+    return np.asarray(img)
+
+# ---------------------------------------------------------------- numbers: the fixture STAR
+
+
+def fixture_args():
+    return ["--star", need_shared(FIXTURES / "star" / "star.pth"), "--vae", FIXTURES / "vqvae" / "vae.pth",
+            "--text-encoder", FIXTURES / "clip_text", "--tokenizer", BPE_PATH, "--patch-nums", "1,2,3,4,5,6,8",
+            "--rope-norm", "64"]
+
+
+def test_fixture_star_reproduces_the_reference_image(tmp_path, capsys):
+    prompt = json.loads(need_shared(FIXTURES / "star" / "prompts.json").read_text())[0]
+    code, out, err = cli([*fixture_args(), "--top-k", 1, "--cfg", 4, "--prompt", prompt,
+                          "--out", tmp_path / "a.png"], capsys)
+    assert code == 0, err
+    want = torch.load(FIXTURES / "star" / "expected_b1.pt", weights_only=True)["ar_b1_cfg4_img"][0]
+    want = want.permute(1, 2, 0).numpy() * 255                       # (H, W, 3) in [0, 255]
+    got = png(tmp_path / "a.png").astype(np.float64)
+    assert got.shape == want.shape == (128, 128, 3)
+    assert np.abs(got - want).max() <= 1.0
+    assert "s/image" in out.splitlines()[-1] and "peak memory" in out.splitlines()[-1]
+
+
+def test_preset_mismatch_names_the_preset_that_fits(tmp_path, capsys):
+    code, _, err = cli([*fixture_args(), "--preset", "star-1024-d30", "--prompt", "x", "--out",
+                        tmp_path / "a.png"], capsys)
+    assert code == 2 and err.startswith("error: --preset star-1024-d30 does not fit")
+    assert "depth 2, width 128, 7 scales" in err and "presets that fit: none" in err
+    # weights of a released shape (on the meta device: no memory) are matched to their preset
+    with torch.device("meta"):
+        sd = STAR(PRESETS["star-256-d16"]).state_dict()
+    with pytest.raises(ValueError, match="presets that fit: star-256-d16"):
+        sample.released_config(sd, "d16.pth", preset="star-1024-sampler")
+    assert sample.released_config(sd, "d16.pth") == PRESETS["star-256-d16"]
+    with torch.device("meta"):
+        sd30 = STAR(PRESETS["star-256-d30"]).state_dict()
+    with pytest.raises(ValueError, match="several presets .*star-256-d30, star-512-d30"):
+        sample.released_config(sd30, "d30.pth")
+
+# ---------------------------------------------------------------- behaviour: the command line
+
+
+def test_default_command_writes_a_png(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "DEFAULT_CKPT", ckpt)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(["--prompt", "a red circle on the left"], capsys)
+    assert code == 0, err
+    img = png(tmp_path / "sample.png")
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and img.std() > 0
+    last = out.strip().splitlines()[-1]
+    assert "s/image" in last and "peak memory" in last
+
+
+def test_same_seed_same_bytes_other_seed_or_prompt_other_image(ckpt, tmp_path, capsys):
+    def run(name, prompt="a red circle on the left", seed=3):
+        code, _, err = cli(["--ckpt", ckpt, "--prompt", prompt, "--seed", seed, "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        return tmp_path / name
+    a = run("a.png")
+    assert run("b.png").read_bytes() == a.read_bytes()
+    assert not np.array_equal(png(run("c.png", seed=4)), png(a))
+    assert not np.array_equal(png(run("d.png", prompt="a blue square above a green triangle")), png(a))
+
+
+def test_prompts_file_writes_images_in_order(ckpt, tmp_path, capsys):
+    prompts = ["a red circle on the left", "a small yellow triangle", "a large gray square on the right"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
+    out_dir = tmp_path / "out"
+    code, _, err = cli(["--ckpt", ckpt, "--prompts-file", tmp_path / "p.txt", "--out-dir", out_dir, "--grid",
+                        "--batch-size", 2], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.glob("[0-9]*.png")) == ["000.png", "001.png", "002.png"]
+    assert (out_dir / "prompts.txt").read_text().splitlines() == prompts
+    assert png(out_dir / "grid.png").shape == (2 * 64 + 2, 2 * 64 + 2, 3)
+    # file i is prompt i: the same image as that prompt generated on its own
+    pipe = sample.load_pipeline(ckpt)
+    alone = pipe.generate(prompts, seed=0, batch_size=2)
+    for i in range(3):
+        assert np.array_equal(png(out_dir / f"{i:03d}.png"), alone[i])
+
+
+def test_save_scales_writes_the_coarse_to_fine_strip(ckpt, tmp_path, capsys):
+    code, _, err = cli(["--ckpt", ckpt, "--prompt", "a purple circle on a black background",
+                        "--out", tmp_path / "x.png", "--save-scales"], capsys)
+    assert code == 0, err
+    strip, final = png(tmp_path / "x_scales.png"), png(tmp_path / "x.png")
+    K = 6
+    assert strip.shape == (64, K * 64 + (K - 1) * 2, 3)
+    assert np.array_equal(strip[:, -64:], final)                     # the last panel is the image
+    assert not np.array_equal(strip[:, :64], final)                  # the first is the 1x1 scale's blur
+
+
+def test_pipeline_api_for_shapes_eval(tmp_path):
+    """What shapes.evaluate relies on: uint8 (B, 64, 64, 3), options by keyword, stored sampling defaults."""
+    path = build_tiny_checkpoint(tmp_path / "s.pt", half=False, sampling={"cfg": 1.5, "top_k": 3, "top_p": 0.9})
+    pipe = sample.load_pipeline(path)
+    assert pipe.sampling == {"cfg": 1.5, "top_k": 3, "top_p": 0.9} and pipe.head_ready
+    imgs = pipe.generate(["a red circle on the left", "a small yellow triangle"], seed=1, cfg=2.0, top_k=5,
+                         top_p=0.0, stable=None)
+    assert imgs.shape == (2, 64, 64, 3) and imgs.dtype == np.uint8
+    imgs2, scales = pipe.generate(["a red circle on the left"], seed=2, images_per_prompt=2, return_scales=True,
+                                  stable=False)
+    assert imgs2.shape == (2, 64, 64, 3) and scales.shape == (2, 6, 64, 64, 3)
+    assert np.array_equal(scales[:, -1], imgs2)
+    star_stage = sample.load_pipeline(build_tiny_checkpoint(tmp_path / "t.pt", stage="star"))
+    assert star_stage.sampling == sample.SHAPES_SAMPLING and not star_stage.head_ready
+
+
+def test_end_to_end_subprocess(ckpt, tmp_path):
+    """The real entry point: exit status 0 with an image, 2 with one error line and no traceback."""
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--prompt", "a red circle on the left",
+           "--num-images", "2", "--out-dir", str(tmp_path / "o")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "o" / "001.png").is_file()
+    bad = subprocess.run(cmd + ["--top-p", "1.5"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+    assert bad.stderr.startswith("error: --top-p 1.5") and "Traceback" not in bad.stderr
+
+# ---------------------------------------------------------------- errors a user can act on
+
+
+def assert_error(capsys, argv, *fragments):
+    code, _, err = cli(argv, capsys)
+    assert code == 2, err
+    lines = [ln.split("\r")[-1] for ln in err.split("\n")]       # what a terminal shows (bars redraw with \r)
+    lines = [ln for ln in lines if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag, value, fragment", [("--top-p", "1.5", "--top-p 1.5: expected a value in [0, 1]"),
+                                                   ("--top-p", "-0.1", "in [0, 1]"),
+                                                   ("--top-k", "-1", "--top-k -1: expected a value >= 0"),
+                                                   ("--cfg", "-2", "--cfg -2.0: expected a value >= 0"),
+                                                   ("--num-images", "0", "--num-images 0: expected a value >= 1"),
+                                                   ("--batch-size", "0", "--batch-size 0"),
+                                                   ("--top-k", "many", "invalid int value"),
+                                                   ("--patch-nums", "1,3,2", "must grow strictly")])
+def test_bad_flag_values(ckpt, flag, value, fragment, capsys):
+    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", flag, value], fragment)
+
+
+def test_missing_default_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "DEFAULT_CKPT", tmp_path / "checkpoints" / "shapes.pt")
+    monkeypatch.chdir(tmp_path)
+    assert_error(capsys, ["--prompt", "x"], "no checkpoint at", "python train.py --out runs/shapes",
+                 "--export runs/shapes/head.pt checkpoints/shapes.pt")
+
+
+class Payload:
+    """Unpickling this (without weights_only) would create the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def hostile_pickle(path, marker, zip_format=True):
+    """A weights-looking file whose unpickling would run code: torch.save's zip or a plain pickle."""
+    if zip_format:
+        torch.save({"star": Payload(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"star": Payload(marker)}, protocol=2))
+    return path
+
+
+def test_bad_checkpoint_files(ckpt, tmp_path, capsys):
+    good = ckpt.read_bytes()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "trunc.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.pt").write_text("not weights at all\n")
+    (tmp_path / "folder.pt").mkdir()
+    base = ["--prompt", "x", "--out", tmp_path / "o.png", "--ckpt"]
+    assert_error(capsys, base + [tmp_path / "missing.pt"], "missing.pt not found")
+    assert_error(capsys, base + [tmp_path / "folder.pt"], "not found (it is a folder)")
+    assert_error(capsys, base + [tmp_path / "empty.pt"], "is empty (0 bytes)")
+    assert_error(capsys, base + [tmp_path / "trunc.pt"], "could not be read", "truncated")
+    assert_error(capsys, base + [tmp_path / "text.pt"], "is not a plain weights file")
+    marker = tmp_path / "PWNED"
+    assert_error(capsys, base + [hostile_pickle(tmp_path / "evil.pt", marker)], "is not a plain weights file")
+    assert_error(capsys, base + [hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False)],
+                 "is not a plain weights file")
+    assert not marker.exists()
+    vae_only = build_tiny_checkpoint(tmp_path / "vae.pt", stage="vae")
+    assert_error(capsys, base + [vae_only], "holds only the VQ-VAE (stage 'vae')", "--resume")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    assert_error(capsys, base + [tmp_path / "other.pt"], "was not written by train.py", "--star")
+
+
+def test_hostile_files_as_released_weights_are_refused(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    evil = hostile_pickle(tmp_path / "evil.pth", marker)
+    args = dict(zip(fixture_args()[0::2], fixture_args()[1::2]))
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "config.json").write_bytes((FIXTURES / "clip_text" / "config.json").read_bytes())
+    hostile_pickle(enc / "pytorch_model.bin", marker)
+    for flag, value, what in (("--star", evil, "STAR weights"), ("--vae", evil, "VQ-VAE weights"),
+                              ("--text-encoder", enc, "text encoder folder"),
+                              ("--star", hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False),
+                               "STAR weights")):
+        argv = [a for k, v in {**args, flag: value}.items() for a in (k, v)]
+        assert_error(capsys, argv + ["--prompt", "x", "--out", tmp_path / "o.png"], what, "not a plain weights file")
+    assert not marker.exists()
+
+
+def test_files_of_another_kind(tmp_path, capsys):
+    args = dict(zip(fixture_args()[0::2], fixture_args()[1::2]))
+
+    def run(flag, value, *fragments):
+        argv = [a for k, v in {**args, flag: value}.items() for a in (k, v)]
+        return assert_error(capsys, argv + ["--prompt", "x", "--out", tmp_path / "o.png"], *fragments)
+    run("--star", FIXTURES / "vqvae" / "vae.pth", "is a VQ-VAE checkpoint, not STAR weights: pass it as --vae")
+    run("--star", FIXTURES / "clip_text" / "pytorch_model.bin", "CLIP text encoder", "--text-encoder")
+    run("--vae", FIXTURES / "star" / "star.pth", "not a VQ-VAE state dict")
+    (tmp_path / "noconfig").mkdir()
+    (tmp_path / "noconfig" / "model.safetensors").write_bytes(
+        (FIXTURES / "clip_text" / "model.safetensors").read_bytes())
+    run("--text-encoder", tmp_path / "noconfig", "has no config.json")
+    run("--text-encoder", FIXTURES / "clip_text" / "config.json", "is a file; expected a folder")
+    run("--tokenizer", tmp_path / "nope.txt.gz", "tokenizer", "not found")
+    run("--patch-nums", "1,2,3,4,6,8", "--patch-nums gives 6 scales", "has 7")
+    del args["--patch-nums"]
+    run("--rope-norm", "64", "fit no preset", "pass --patch-nums with 7 sides")
+    assert_error(capsys, ["--star", FIXTURES / "star" / "star.pth", "--prompt", "x"],
+                 "missing --vae --text-encoder --tokenizer")
+
+
+def test_patch_nums_must_end_at_the_vqvae_latent(ckpt, tmp_path, capsys):
+    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--patch-nums", "1,2,3,4,6,10"],
+                 "ends at 10", "8x8 latents (64px images)", "end the list at 8")
+    code, _, err = cli(["--ckpt", ckpt, "--prompt", "x", "--patch-nums", "1,2,3,4,5,8", "--out",
+                        tmp_path / "o.png"], capsys)
+    assert code == 0, err                                            # same count and last side: allowed
+
+
+def test_prompt_and_output_errors(ckpt, tmp_path, capsys):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert_error(capsys, ["--ckpt", ckpt, "--prompts-file", tmp_path / "blank.txt"], "has no prompts")
+    assert_error(capsys, ["--ckpt", ckpt, "--prompts-file", tmp_path / "absent.txt"], "cannot be read")
+    assert_error(capsys, ["--ckpt", ckpt], "no prompt")
+    (tmp_path / "afile").write_text("")
+    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out-dir", tmp_path / "afile" / "sub"],
+                 "--out-dir", "cannot write")
+    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--prompt", "y", "--out", tmp_path / "o.png"],
+                 "use --out-dir DIR, or --grid")
+    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.xyz"], "unknown image type")
+    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--no-such-flag"], "unrecognized arguments")
+
+
+def test_device_and_memory_errors(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--device", "cuda"], "no CUDA GPU", "--device cpu")
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(STAR, "generate", oom)
+    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"], "out of memory",
+                 "--batch-size 1")
+
+
+def test_stable_sampling_needs_a_trained_head(tmp_path, capsys):
+    star_stage = build_tiny_checkpoint(tmp_path / "star.pt", stage="star")
+    assert_error(capsys, ["--ckpt", star_stage, "--prompt", "x", "--stable"], "not trained yet", "stable sampling off")
+    assert_error(capsys, [*fixture_args(), "--prompt", "x", "--stable"], "has none", "--no-stable")
