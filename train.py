@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -88,22 +87,32 @@ class ImageFolder:
                     if not cap.exists():
                         warnings.warn(f"{p.name}: no caption file {cap.name}; skipped")
                         continue
-                    items.append((p, cap.read_text(encoding="utf-8").strip()))
+                    try:
+                        items.append((p, cap.read_text(encoding="utf-8").strip()))
+                    except (OSError, UnicodeDecodeError) as e:
+                        warnings.warn(f"{cap}: caption not readable as UTF-8 text ({type(e).__name__}); skipped")
+        # decode every image once (JPEGs at reduced size, which is quick): verify() alone misses
+        # truncated JPEGs, which would otherwise stop training at the first batch that draws them
         good = []
         for path, text in items:
             try:
                 with Image.open(path) as im:
-                    im.verify()
+                    im.draft("RGB", (resolution, resolution))
+                    im.load()
                 good.append((path, text))
-            except Exception:
-                warnings.warn(f"{path}: not a readable image; skipped")
+            except Exception as e:
+                warnings.warn(f"{path}: not a readable image ({type(e).__name__}); skipped")
         if not good:
             raise UserError(f"--data {root}: no usable images with captions found "
                             "(need metadata.jsonl or an image.txt caption beside each image)")
         self.items = good
 
     def load(self, path):
-        im = self.Image.open(path).convert("RGB")
+        try:
+            im = self.Image.open(path).convert("RGB")
+        except Exception as e:
+            raise UserError(f"{path}: became unreadable during training ({type(e).__name__}); "
+                            "restore or remove it and continue with --resume")
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -134,7 +143,7 @@ class ShapesData:
         return [self.shapes.caption(self.shapes.random_scene(rng)) for _ in range(n)]
 
 
-def token_pool(data, vae, n, seed, path, dev, rank, world):
+def token_pool(data, vae, n, seed, path, dev, rank, world, quiet=False):
     """Tokenize n training samples once: (idx (n, L) int16, captions).
 
     The frozen VQ-VAE's encoder costs as much as a small STAR's whole training step on a CPU, and it
@@ -144,7 +153,7 @@ def token_pool(data, vae, n, seed, path, dev, rank, world):
     path = Path(path)
     if rank == 0 and not path.exists():
         idx, caps = [], []
-        for i in tqdm(range(0, n, 64), desc="tokenizing", dynamic_ncols=True):
+        for i in tqdm(range(0, n, 64), desc="tokenizing", dynamic_ncols=True, disable=quiet):
             img, c = data.batch(min(64, n - i), batch_rng(seed, i, 0, stream=3))
             with torch.no_grad():
                 idx.append(torch.cat(vae.img_to_idx(img.to(dev)), 1).to(torch.int16).cpu())
@@ -171,26 +180,23 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, stages=STAGES):
+    """Our checkpoint at `path`, checked to come from train.py and from one of `stages`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot be read as a plain weights file ({type(e).__name__}); "
-                        "it is truncated, corrupt, or holds pickled code, which is refused")
+        # weights_only=True refuses any pickle that would run code; truncated files fail here too
+        raise UserError(f"{path}: not a plain weights file that torch.load(weights_only=True) can read "
+                        f"({type(e).__name__}): truncated, corrupt, or holding pickled code, which is refused; "
+                        "delete it to redo that stage") from None
     if not isinstance(ck, dict) or ck.get("format") != "star-pipeline":
-        raise UserError(f"{path}: not a checkpoint written by train.py")
+        raise UserError(f"{path}: not a checkpoint written by train.py (expected OUT/vae.pt, star.pt or head.pt)")
+    if ck.get("stage") not in stages:
+        raise UserError(f"{path}: holds a '{ck.get('stage')}' checkpoint, expected {' or '.join(map(repr, stages))}")
     return ck
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate()[1], "numpy": None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
 
 
 def config_dict(cfg):
@@ -205,12 +211,13 @@ def default_vae_config(args):
                        num_res_blocks=args.vae_res_blocks, patch_nums=tuple(args.patch_nums))
 
 
-def default_star_config(args, text_dim):
+def default_star_config(args, text_dim, vae_config):
     return STARConfig(depth=args.depth, width=args.width, num_heads=args.width // 64,
-                      patch_nums=tuple(args.patch_nums), vocab_size=args.vocab_size, vae_dim=32,
+                      patch_nums=vae_config.patch_nums, vocab_size=vae_config.vocab_size,
+                      vae_dim=vae_config.z_channels,
                       text_dim=text_dim, rope_theta=10000.0, rope_norm=64.0, logit_norm=True,
                       head=True, sample_from_idx=args.head_from, cross_attn_mode="per_row",
-                      drop_path_rate=0.0)
+                      drop_path_rate=0.0, class_emb=False)
 
 
 class TextToImage(nn.Module):
@@ -220,11 +227,11 @@ class TextToImage(nn.Module):
         super().__init__()
         self.star, self.text_encoder, self.head_only = star, text_encoder, head_only
 
-    def forward(self, ids, mask, x_BLCv, target_BL):
+    def forward(self, ids, mask, x_BLCv, target_BL, generator=None):
         hidden, pooled = self.text_encoder(ids, mask)
         if self.head_only:
             hidden, pooled = hidden.detach(), pooled.detach()
-            return self.star.head_loss(x_BLCv, hidden, mask, pooled, target_BL)
+            return self.star.head_loss(x_BLCv, hidden, mask, pooled, target_BL, generator)
         return self.star.loss(x_BLCv, hidden, mask, pooled, target_BL)
 
 
@@ -256,13 +263,14 @@ def build_stage(stage, args, ck, data):
             tok = Tokenizer.train(caps, args.text_vocab)
             text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, context_length=args.text_context, width=args.text_width,
                                           layers=args.text_layers, heads=max(1, args.text_width // 64)))
-        star = STAR(default_star_config(args, text.config.width), vae)
+        star = STAR(default_star_config(args, text.config.width, vae.config), vae)
     if stage == "head" or args.text_encoder:
         text.requires_grad_(False)
-    if stage == "head":
-        star.requires_grad_(False)
-        for p in star.head_parameters():
-            p.requires_grad_(True)
+    # each stage trains either the trunk or the sampler head: a parameter without a gradient in a
+    # stage must be frozen there, or DistributedDataParallel stops waiting for its gradient
+    star.requires_grad_(stage == "star")
+    for p in star.head_parameters():
+        p.requires_grad_(stage == "head")
     return {"vae": vae, "tokenizer": tok, "text": text, "star": star}, TextToImage(star, text, stage == "head")
 
 
@@ -366,12 +374,17 @@ def run_stage(stage, args, dev, rank, world, prev):
     if path.exists():
         if not args.resume:
             raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out")
-        resume = load_checkpoint(path)
+        resume = load_checkpoint(path, (stage,))
         if resume["step"] >= steps:
             return resume
     torch.manual_seed(seed + rank)
     # a resumed stage rebuilds every module from its own checkpoint, the tokenizer included
     parts, net = build_stage(stage, args, resume or prev, data)
+    side = parts["vae"].config.image_size
+    if side != args.resolution:
+        raise UserError(f"--resolution {args.resolution}: the VQ-VAE of {out} works on {side}x{side} images; "
+                        f"pass the flags its stage was trained with (--resolution {side} --patch-nums "
+                        f"{','.join(map(str, parts['vae'].config.patch_nums))})")
     net.to(dev).train()
     if stage != "vae":
         parts["vae"].to(dev).eval()
@@ -392,14 +405,15 @@ def run_stage(stage, args, dev, rank, world, prev):
         if dev.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext()
 
     if stage != "vae":
-        pool_idx, pool_caps = token_pool(data, parts["vae"], args.pool, args.seed, out / "tokens.pt", dev, rank, world)
+        pool_idx, pool_caps = token_pool(data, parts["vae"], args.pool, args.seed, out / "tokens.pt", dev,
+                                         rank, world, args.quiet)
         splits = [pn * pn for pn in parts["vae"].config.patch_nums]
     log = open(out / "log.txt", "a") if rank == 0 else None
     warm = int(args.vae_ae_frac * steps) if stage == "vae" else 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, dynamic_ncols=True,
                disable=rank != 0 or args.quiet)
     # training time of this stage so far, without previews and evaluations (for accuracy-vs-minutes)
-    seconds = resume["seconds"] if resume is not None else 0.0
+    seconds = resume.get("seconds", 0.0) if resume is not None else 0.0
     t_last, seen, t0 = time.time(), 0, time.time()
     for step in bar:
         rng = batch_rng(seed, step, rank)
@@ -423,16 +437,17 @@ def run_stage(stage, args, dev, rank, world, prev):
             target_BL = pool_idx[torch.from_numpy(pick)].long().to(dev)              # (B, L)
             with torch.no_grad():
                 x_BLCv = parts["vae"].idx_to_var_input(list(target_BL.split(splits, 1)))  # (B, L-1, Cvae)
+            # the head's token masks come from the step's generator too (same on resume, per rank)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             with amp:
-                loss = model(ids.to(dev), mask.to(dev), x_BLCv, target_BL).float()
+                loss = model(ids.to(dev), mask.to(dev), x_BLCv, target_BL, generator=gen).float()
             ntok = target_BL.numel()
-        if not torch.isfinite(loss):
-            raise UserError(f"{stage} step {step}: the loss is {loss.item()}; stopped without saving "
-                            f"(last good checkpoint: {path if path.exists() else 'none'}); "
-                            "try a lower learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(gnorm)):   # before the update: nothing NaN is kept
+            stop_nonfinite(f"{stage} step {step + 1}: the {'loss' if not torch.isfinite(loss) else 'gradient norm'}"
+                           f" is {float(loss if not torch.isfinite(loss) else gnorm)}", path)
         opt.step()
         if stage == "vae" and quantize and (step - warm) % args.reseed_every == args.reseed_every - 1:
             parts["vae"].reseed_dead_codes(img, generator=torch.Generator().manual_seed(seed + step))
@@ -463,15 +478,40 @@ def run_stage(stage, args, dev, rank, world, prev):
                           f"one-object {one:.3f} two-object {two:.3f}\n")
                 log.flush()
             if done % args.ckpt_every == 0 or done == steps:
+                if not all(torch.isfinite(p).all() for p in net.parameters()):
+                    stop_nonfinite(f"{stage} step {done}: the weights became non-finite", path)
                 save_atomic(pack(stage, parts, args, done, opt, seconds), path)
         if world > 1 and (done % args.ckpt_every == 0 or done == steps):
             dist.barrier()
         t_last = time.time()
+    if world > 1:
+        check_replicas(net, stage, world, log)
     if log:
         log.close()
     if world > 1:
         dist.barrier()
-    return load_checkpoint(path)
+    return load_checkpoint(path, (stage,))
+
+
+def stop_nonfinite(what, path):
+    """Stop on a NaN/inf before it reaches the weights or a checkpoint: the last checkpoint stays good."""
+    last = f"{path} (step {torch.load(path, weights_only=True)['step']})" if path.exists() else "none"
+    raise UserError(f"{what}; stopped before updating the weights (last checkpoint: {last}); "
+                    "lower the learning rate or check the data, then continue with --resume")
+
+
+def check_replicas(net, stage, world, log):
+    """DDP keeps the processes' copies equal only if every change goes through it (all-reduced gradients,
+    rank 0's codebook broadcast after re-seeding): compare each rank's parameters with rank 0's once."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in net.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    same = torch.tensor([float(torch.equal(flat, ref))], device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    if same.item() != 1.0:
+        raise RuntimeError(f"{stage}: the {world} processes ended with different weights")
+    if log:
+        log.write(f"{stage}: all {world} processes hold identical weights\n")
 
 
 PREVIEW = ["a large red circle on the left on a white background", "a small blue square at the top",
@@ -482,8 +522,8 @@ PREVIEW = ["a large red circle on the left on a white background", "a small blue
 
 def export(src, dst):
     """Strip optimizer and RNG state and store float weights in half precision (the bundled model)."""
-    ck = load_checkpoint(src)
-    for k in ("optimizer", "rng"):
+    ck = load_checkpoint(src, ("star", "head"))
+    for k in ("optimizer", "rng", "vae_code_hits"):
         ck.pop(k, None)
     for k in ("vae", "text_encoder", "star"):
         if k in ck:
@@ -493,8 +533,26 @@ def export(src, dst):
     return Path(dst).stat().st_size
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other mistake this script reports
+        raise UserError(f"{message} (see --help)")
+
+
+def positive_int(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def int_list(text):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3,4,6,8, got {text!r}")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/shapes", help="folder for checkpoints, log.txt and sample grids")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
     p.add_argument("--data", default="shapes", help="'shapes' (synthetic world) or a folder of captioned images")
@@ -502,7 +560,7 @@ def parse_args(argv=None):
     p.add_argument("--export", nargs=2, metavar=("SRC", "DST"), help="write a half-precision bundle and exit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels")
-    p.add_argument("--patch-nums", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3, 4, 6, 8],
+    p.add_argument("--patch-nums", type=int_list, default=[1, 2, 3, 4, 6, 8],
                    help="token-map sides, coarse to fine; the last equals resolution / 8")
     p.add_argument("--vocab-size", type=int, default=512, help="VQ codebook size")
     p.add_argument("--vae-ch", type=int, default=32, help="VQ-VAE base width (multiple of 32)")
@@ -514,13 +572,13 @@ def parse_args(argv=None):
     p.add_argument("--text-width", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--text-context", type=int, default=32, help="text tokens incl. start/end (CLIP: 77)")
-    p.add_argument("--pool", type=int, default=20000, help="training samples tokenized once for STAR/head")
+    p.add_argument("--pool", type=positive_int, default=20000, help="training samples tokenized once for STAR/head")
     p.add_argument("--text-encoder", default=None, help="released CLIP text encoder folder (frozen)")
     p.add_argument("--tokenizer", default=None, help="BPE file or tokenizer folder for --text-encoder")
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--star-steps", type=int, default=12000)
-    p.add_argument("--head-steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
+    p.add_argument("--vae-steps", type=positive_int, default=3000)
+    p.add_argument("--star-steps", type=positive_int, default=12000)
+    p.add_argument("--head-steps", type=positive_int, default=1500)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--head-lr", type=float, default=5e-4)
@@ -529,18 +587,25 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=2.0)
     p.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout to '' for guidance")
     p.add_argument("--vae-ae-frac", type=float, default=0.3, help="first fraction of VQ-VAE steps without the quantizer")
-    p.add_argument("--reseed-every", type=int, default=25, help="re-seed dead codes every N VQ-VAE steps")
-    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--reseed-every", type=positive_int, default=25, help="re-seed dead codes every N VQ-VAE steps")
+    p.add_argument("--ckpt-every", type=positive_int, default=250, help="checkpoint every N steps (and at the end)")
     p.add_argument("--sample-every", type=int, default=1000, help="write a preview grid every N steps (0: never)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="judge N held-out shapes captions every N steps and log the accuracy (0: never)")
-    p.add_argument("--eval-n", type=int, default=100, help="captions per evaluation")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-n", type=positive_int, default=100, help="captions per evaluation")
+    p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.text_encoder and not args.tokenizer:
         p.error("--text-encoder needs --tokenizer (the BPE file or tokenizer folder that goes with it)")
+    if args.patch_nums[-1] * 8 != args.resolution:   # the VQ-VAE downsamples 8x (ch_mult has 4 levels)
+        p.error(f"--patch-nums {','.join(map(str, args.patch_nums))}: the last side must be "
+                f"--resolution / 8 = {args.resolution / 8:g}")
+    if args.data == "shapes" and args.resolution != 64:
+        p.error(f"--resolution {args.resolution}: the shapes world is drawn at 64x64; use 64 or --data DIR")
+    if args.width % 64:
+        p.error(f"--width {args.width}: expected a multiple of 64 (the attention heads are 64 wide)")
     return args
 
 
@@ -567,19 +632,31 @@ def main(argv=None):
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    try:   # find out now, not at the first checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
     prev = None
     for stage in STAGES if args.stage == "all" else (args.stage,):
         if prev is None and stage != "vae":
-            prev = load_checkpoint(Path(args.out) / f"{STAGES[STAGES.index(stage) - 1]}.pt")
+            before = STAGES[STAGES.index(stage) - 1]
+            prev = load_checkpoint(out / f"{before}.pt", (before,))
         prev = run_stage(stage, args, dev, rank, world, prev)
     if world > 1:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    # user mistakes, and the ValueError/OSError that the model files raise for bad inputs, become one line
     try:
         main()
-    except UserError as e:
+    except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; continue from the last checkpoint with --resume", file=sys.stderr)
+        sys.exit(130)
