@@ -61,7 +61,7 @@ def _load_failure(what, path, exc):
     e = chain[-1]
     detail = (str(e).strip().splitlines() or [""])[0][:120]
     return ValueError(f"{what} {path} could not be read ({type(e).__name__}{': ' + detail if detail else ''}); "
-                      "the file is truncated, corrupt or not a PyTorch weights file: download or copy it again")
+                      "the file is truncated, corrupt or of another kind: download or copy it again")
 
 
 def read_weights(path, what):
@@ -286,7 +286,8 @@ def star_state_dict(ck, path):
     if {"pos_start", "lvl_embed.weight", "head_logits.weight", "word_embed.weight"} <= keys:
         return sd
     if "quantize.embedding.weight" in keys:
-        raise ValueError(f"{path} is a VQ-VAE checkpoint, not STAR weights: pass it as --vae, and the STAR file as --star")
+        raise ValueError(f"{path} is a VQ-VAE checkpoint, not STAR weights: pass it as --vae, and the STAR file "
+                         "as --star")
     if any(k.startswith(("text_model.", "encoder.layers.", "embeddings.token_embedding")) for k in keys):
         raise ValueError(f"{path} holds a CLIP text encoder's weights, not STAR's: pass the folder holding it "
                          "(with config.json) as --text-encoder, and the STAR file as --star")
@@ -430,51 +431,57 @@ def _patch_nums(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sides such as 1,2,3,4,6,8")
     if any(s < 1 for s in sides) or any(a >= b for a, b in zip(sides, sides[1:])):
-        raise argparse.ArgumentTypeError(f"{text!r}: the sides must grow strictly from coarse to fine, e.g. 1,2,3,4,6,8")
+        raise argparse.ArgumentTypeError(f"{text!r}: the sides must grow strictly from coarse to fine, "
+                                         "e.g. 1,2,3,4,6,8")
     return sides
 
 
 def parse_args(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
-    g.add_argument("--prompts-file", help="a text file with one prompt per line (blank lines skipped)")
-    g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeat the flag for several)")
+    g.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
+    g.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    g.add_argument("--cfg", type=float, help="classifier-free guidance scale >= 0 (default: the model's, "
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random draw (default 0)")
+    g.add_argument("--cfg", type=float, metavar="S", help="classifier-free guidance scale >= 0 (default: the model's, "
                    f"bundled {SHAPES_SAMPLING['cfg']}, released {RELEASED_SAMPLING['cfg']})")
-    g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
+    g.add_argument("--top-k", type=int, metavar="K", help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
                    f"(default: bundled {SHAPES_SAMPLING['top_k']}, released {RELEASED_SAMPLING['top_k']})")
-    g.add_argument("--top-p", type=float, help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
                    f"(default: bundled {SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
     g.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
                    help="commit the large scales with the sampler head (default: on when the model has a trained one)")
-    g.add_argument("--batch-size", type=int, default=4, help="images generated at once (default 4; lower it "
-                   "if memory runs out)")
+    g.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="images generated at once (default 4; lower it if memory runs out)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto: cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="STAR's precision; auto: bfloat16 on GPUs that support it, else float32")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="image file for a single image, or the --grid sheet (default sample.png)")
-    g.add_argument("--out-dir", help="folder for 000.png, 001.png, ... in prompt order and prompts.txt "
+    g.add_argument("--out", metavar="FILE",
+                   help="image file for a single image, or the --grid sheet (default sample.png)")
+    g.add_argument("--out-dir", metavar="DIR", help="folder for 000.png, 001.png, ... in prompt order and prompts.txt "
                    "(default samples/ when there are several images)")
     g.add_argument("--grid", action="store_true", help="also write a contact sheet (grid.png, or --out)")
     g.add_argument("--save-scales", action="store_true",
                    help="also write the image after every scale, coarse to fine (NNN_scales.png / OUT_scales.png)")
     g = p.add_argument_group("model: a checkpoint of ours")
-    g.add_argument("--ckpt", help="checkpoint written by train.py (default: the bundled checkpoints/shapes.pt)")
+    g.add_argument("--ckpt", metavar="FILE",
+                   help="checkpoint written by train.py (default: the bundled checkpoints/shapes.pt)")
     g = p.add_argument_group("model: released weights")
     g.add_argument("--preset", choices=sorted(PRESETS), help="which released model --star is")
-    g.add_argument("--star", help="STAR checkpoint (.pth)")
-    g.add_argument("--vae", help="VAR's VQ-VAE, vae_ch160v4096z32.pth")
-    g.add_argument("--text-encoder", help="SD-2.1 text_encoder folder (config.json + weights)")
-    g.add_argument("--tokenizer", help="SD-2.1 tokenizer folder or OpenAI's bpe_simple_vocab_16e6.txt.gz")
-    g.add_argument("--patch-nums", type=_patch_nums, help="token-map sides, coarse to fine, e.g. 1,2,3,4,5,6,8 "
-                   "(overrides the preset / checkpoint)")
-    g.add_argument("--rope-norm", type=float, help="RoPE positions span [0, rope_norm] at every scale (released: 64)")
-    g.add_argument("--rope-theta", type=float, help="RoPE base frequency (released: 10000)")
+    g.add_argument("--star", metavar="FILE", help="STAR checkpoint (.pth)")
+    g.add_argument("--vae", metavar="FILE", help="VAR's VQ-VAE, vae_ch160v4096z32.pth")
+    g.add_argument("--text-encoder", metavar="DIR", help="SD-2.1 text_encoder folder (config.json + weights)")
+    g.add_argument("--tokenizer", metavar="PATH",
+                   help="SD-2.1 tokenizer folder or OpenAI's bpe_simple_vocab_16e6.txt.gz")
+    g.add_argument("--patch-nums", type=_patch_nums, metavar="1,2,...",
+                   help="token-map sides, coarse to fine, e.g. 1,2,3,4,5,6,8 (overrides the preset / checkpoint)")
+    g.add_argument("--rope-norm", type=float, metavar="X",
+                   help="RoPE positions span [0, rope_norm] at every scale (released: 64)")
+    g.add_argument("--rope-theta", type=float, metavar="X", help="RoPE base frequency (released: 10000)")
     return p.parse_args(argv)
 
 
@@ -496,7 +503,8 @@ def check_args(args):
     if (released or args.preset) and len(released) < 4:
         missing = [f"--{f.replace('_', '-')}" for f in ("star", "vae", "text_encoder", "tokenizer")
                    if not getattr(args, f)]
-        raise UserError(f"released weights need --star, --vae, --text-encoder and --tokenizer; missing {' '.join(missing)}")
+        raise UserError("released weights need --star, --vae, --text-encoder and --tokenizer; "
+                        f"missing {' '.join(missing)}")
     if args.out and args.out_dir:
         raise UserError("give --out FILE (one image or a --grid) or --out-dir DIR, not both")
     prompts = list(args.prompt)
@@ -596,13 +604,27 @@ def peak_memory(device):
     return f"{rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB (process max RSS)"
 
 
+def out_of_memory(e):
+    """CUDA / MPS raise torch.OutOfMemoryError; the CPU allocator a RuntimeError; Python a MemoryError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e) \
+        or "out of memory" in str(e)
+
+
 def run(argv=None):
     args = parse_args(argv)
     prompts = check_args(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    out, out_dir = output_plan(args, len(prompts) * args.num_images)
-    pipe = build_pipeline(args, device, dtype)
+    n = len(prompts) * args.num_images
+    out, out_dir = output_plan(args, n)
+    smaller = "--dtype bfloat16, " if dtype == torch.float32 and device.type == "cuda" else ""
+    try:
+        pipe = build_pipeline(args, device, dtype)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): use {smaller}"
+                        "a device with more memory, or a smaller model") from None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -610,17 +632,18 @@ def run(argv=None):
         result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                stable=args.stable, images_per_prompt=args.num_images,
                                return_scales=args.save_scales, batch_size=args.batch_size, progress=True)
-    except (torch.OutOfMemoryError, MemoryError) as e:
-        raise UserError(f"out of memory on {device} generating {min(args.batch_size, len(prompts) * args.num_images)} "
-                        f"{pipe.image_size}px images at once ({type(e).__name__}): use --batch-size 1"
-                        + (", --dtype bfloat16" if dtype == torch.float32 and device.type != "cpu" else "")
-                        + " or a smaller model") from None
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        raise UserError(f"out of memory on {device} generating {min(args.batch_size, n)} {pipe.image_size}px "
+                        f"images at once ({type(e).__name__}): use --batch-size 1, {smaller}or a smaller model"
+                        ) from None
     seconds = time.perf_counter() - t0
     images, scales = result if args.save_scales else (result, None)
-    per_prompt_cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))
+    cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))  # a row per prompt
     try:
         written = save_outputs([p for p in prompts for _ in range(args.num_images)], images, scales, out, out_dir,
-                               args.grid, per_prompt_cols)
+                               args.grid, cols)
     except OSError as e:
         raise UserError(f"could not write the images ({e}); choose another --out / --out-dir") from None
     print(f"wrote {written}")

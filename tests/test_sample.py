@@ -3,7 +3,6 @@ then the command line on a tiny random checkpoint in train.py's format (files, s
 error a user can make (one 'error:' line on stderr, exit code 2, no traceback)."""
 import dataclasses
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -180,8 +179,24 @@ def test_pipeline_api_for_shapes_eval(tmp_path):
                                   stable=False)
     assert imgs2.shape == (2, 64, 64, 3) and scales.shape == (2, 6, 64, 64, 3)
     assert np.array_equal(scales[:, -1], imgs2)
+    assert pipe.generate([""], seed=0).shape == (1, 64, 64, 3)       # unconditional: the empty prompt
     star_stage = sample.load_pipeline(build_tiny_checkpoint(tmp_path / "t.pt", stage="star"))
     assert star_stage.sampling == sample.SHAPES_SAMPLING and not star_stage.head_ready
+    # bfloat16: STAR's weights only; the text encoder and the VQ-VAE stay float32
+    bf16 = sample.load_pipeline(path, dtype=torch.bfloat16)
+    assert bf16.star.pos_start.dtype == torch.bfloat16
+    assert bf16.vae.quantize.embedding.weight.dtype == bf16.text_encoder.final_layer_norm.weight.dtype == torch.float32
+    assert bf16.generate(["a small yellow triangle"], seed=0, stable=True).shape == (1, 64, 64, 3)
+
+
+def test_bundled_checkpoint_default_command(tmp_path, capsys, monkeypatch):
+    """The real default, once the bundled model is in checkpoints/."""
+    if not sample.DEFAULT_CKPT.is_file():
+        pytest.skip(f"{sample.DEFAULT_CKPT} not there yet (train.py writes it)")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(["--prompt", "a red circle on the left on a white background"], capsys)
+    assert code == 0, err
+    assert png(tmp_path / "sample.png").shape == (64, 64, 3)
 
 
 def test_end_to_end_subprocess(ckpt, tmp_path):
@@ -335,11 +350,13 @@ def test_device_and_memory_errors(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--device", "cuda"], "no CUDA GPU", "--device cpu")
 
-    def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(STAR, "generate", oom)
-    assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"], "out of memory",
-                 "--batch-size 1")
+    for exc in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")):
+        def oom(*args, **kwargs):
+            raise exc
+        monkeypatch.setattr(STAR, "generate", oom)
+        assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"],
+                     "out of memory on cpu generating 1 64px images at once", "--batch-size 1")
 
 
 def test_stable_sampling_needs_a_trained_head(tmp_path, capsys):
