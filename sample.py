@@ -21,6 +21,7 @@ import resource
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,6 +104,33 @@ def _guarded(what, path, load):
 
 # -----------------------------------------------------------------------------
 # the pipeline
+
+
+@contextmanager
+def scale_progress(star, desc, enabled=True):
+    """A tqdm bar over the scales of one STAR.generate call inside the block.
+
+    STAR.generate takes no callback, but its first trunk block runs exactly once per scale, so a
+    forward pre-hook on that block marks the end of the previous scale; the last one ends with the call.
+    """
+    bar = tqdm(total=len(star.config.patch_nums), desc=desc, unit="scale", disable=not enabled)
+    started = 0
+
+    def on_scale_start(module, inputs):                  # returns None: the block's input stays as it is
+        nonlocal started
+        if started:
+            bar.update(1)
+        started += 1
+    hook = star.blocks[0].register_forward_pre_hook(on_scale_start)
+    try:
+        yield bar
+        bar.update(bar.total - bar.n)
+    except BaseException:
+        bar.leave = False                                # an error message should not follow a dead bar
+        raise
+    finally:
+        hook.remove()
+        bar.close()
 
 
 class Pipeline:
@@ -188,21 +216,9 @@ class Pipeline:
         images, scales = [], []
         for b, start in enumerate(range(0, N, batch_size)):
             rows = [t[start:start + batch_size] for t in text]
-            bar = tqdm(total=len(self.star.config.patch_nums), unit="scale", disable=not progress,
-                       desc=f"batch {b + 1}/{math.ceil(N / batch_size)}")
-
-            def tick(module, inputs, output):               # the last trunk block runs once per scale
-                bar.update(1)
-            hook = self.star.blocks[-1].register_forward_hook(tick)
-            try:
+            with scale_progress(self.star, f"batch {b + 1}/{math.ceil(N / batch_size)}", progress):
                 out = self.star.generate(*rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p,
                                          generator=generator, stable=stable, return_scales=return_scales)
-            except BaseException:
-                bar.leave = False                           # an error message should not follow a dead bar
-                raise
-            finally:
-                hook.remove()
-                bar.close()
             img_B3HW, per_scale = (out if return_scales else (out, None))
             images.append(to_uint8(img_B3HW))
             if return_scales:
@@ -453,8 +469,9 @@ def parse_args(argv=None):
                    f"(default: bundled {SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
     g.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
                    help="commit the large scales with the sampler head (default: on when the model has a trained one)")
-    g.add_argument("--batch-size", type=int, default=4, metavar="N",
-                   help="images generated at once (default 4; lower it if memory runs out)")
+    g.add_argument("--batch-size", type=int, metavar="N",
+                   help="images generated at once (default: as many pixels as 16 images of 256px: 64 at 64px, "
+                   "4 at 512px, 1 at 1024px; lower it if memory runs out)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto: cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -488,7 +505,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Flag values and combinations, before anything is loaded. Returns the prompts."""
     for flag, ok, want in (("--num-images", args.num_images >= 1, ">= 1"),
-                           ("--batch-size", args.batch_size >= 1, ">= 1"),
+                           ("--batch-size", args.batch_size is None or args.batch_size >= 1, ">= 1"),
                            ("--cfg", args.cfg is None or args.cfg >= 0, ">= 0"),
                            ("--top-k", args.top_k is None or args.top_k >= 0, ">= 0 (0 keeps every token)"),
                            ("--top-p", args.top_p is None or 0 <= args.top_p <= 1, "in [0, 1]"),
@@ -625,17 +642,18 @@ def run(argv=None):
             raise
         raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): use {smaller}"
                         "a device with more memory, or a smaller model") from None
+    batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     try:
         result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                stable=args.stable, images_per_prompt=args.num_images,
-                               return_scales=args.save_scales, batch_size=args.batch_size, progress=True)
+                               return_scales=args.save_scales, batch_size=batch_size, progress=True)
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        raise UserError(f"out of memory on {device} generating {min(args.batch_size, n)} {pipe.image_size}px "
+        raise UserError(f"out of memory on {device} generating {min(batch_size, n)} {pipe.image_size}px "
                         f"images at once ({type(e).__name__}): use --batch-size 1, {smaller}or a smaller model"
                         ) from None
     seconds = time.perf_counter() - t0
