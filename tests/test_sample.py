@@ -126,6 +126,7 @@ def test_default_command_writes_a_png(ckpt, tmp_path, monkeypatch, capsys):
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and img.std() > 0
     last = out.strip().splitlines()[-1]
     assert "s/image" in last and "peak memory" in last
+    assert "6/6" in err and "scale" in err                          # the bar counted all six scales
 
 
 def test_same_seed_same_bytes_other_seed_or_prompt_other_image(ckpt, tmp_path, capsys):
