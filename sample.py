@@ -58,7 +58,8 @@ def _load_failure(what, path, exc):
     if any(isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e) for e in chain):
         return ValueError(f"{what} {path} is not a plain weights file: torch.load(weights_only=True) refused it "
                           "(it holds pickled Python objects, or is no PyTorch file at all) and nothing in it was "
-                          "run; use a file of tensors from a trusted source")
+                          "run; use a file of tensors (if you trust its source, re-save its state dict once with "
+                          "torch.save)")
     e = chain[-1]
     detail = (str(e).strip().splitlines() or [""])[0][:120]
     return ValueError(f"{what} {path} could not be read ({type(e).__name__}{': ' + detail if detail else ''}); "
