@@ -18,6 +18,7 @@ guidance rows in one batch), timed after warm-up with the device synchronised. T
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -304,21 +305,26 @@ def bench_training(model, args, device, dtype):
                 peak_memory_gib=peak_memory_gib(device), flops_per_step=flops, achieved_tflops=flops / step_s / 1e12)
 
 
-def bench_sample_command(prompt, iters):
-    """Wall time of the whole `python sample.py --prompt ...` (start-up, loading, encoding, sampling, saving)."""
+def bench_sample_command(prompt, iters, ckpt=None, threads=None):
+    """Wall time of the whole `python sample.py --prompt ...` (start-up, loading, encoding, sampling, saving),
+    with --ckpt when given, else the bundled checkpoints/shapes.pt; threads: its OMP_NUM_THREADS."""
     root = Path(__file__).resolve().parent
-    if not (root / 'sample.py').is_file() or not (root / 'checkpoints' / 'shapes.pt').is_file():
-        return dict(mode='sample_command', skipped='sample.py or checkpoints/shapes.pt not found')
+    ckpt = Path(ckpt) if ckpt else root / 'checkpoints' / 'shapes.pt'
+    if not (root / 'sample.py').is_file() or not ckpt.is_file():
+        return dict(mode='sample_command', skipped=f'sample.py or {ckpt} not found')
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(iters):
             cmd = [sys.executable, str(root / 'sample.py'), '--prompt', prompt, '--out', str(Path(tmp) / f'{i}.png')]
+            cmd += ['--ckpt', str(ckpt)] if ckpt != root / 'checkpoints' / 'shapes.pt' else []
             t0 = time.perf_counter()
-            done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+            done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
             times.append(time.perf_counter() - t0)
             if done.returncode:
                 return dict(mode='sample_command', failed=done.stderr.strip().splitlines()[-1:])
-    return dict(mode='sample_command', prompt=prompt, wall_s=statistics.median(times), times_s=times)
+    return dict(mode='sample_command', prompt=prompt, ckpt=str(ckpt), threads=threads,
+                wall_s=statistics.median(times), times_s=times)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -329,7 +335,7 @@ def describe(r, peak):
     if r['mode'] == 'sample_command':
         if 'wall_s' not in r:
             return f"sample.py: {r.get('skipped') or r.get('failed')}"
-        return f"python sample.py --prompt ...: {r['wall_s']:.2f} s wall (median of {len(r['times_s'])})"
+        return f"python sample.py --prompt ... ({r['ckpt']}): {r['wall_s']:.2f} s wall (median of {len(r['times_s'])})"
     util = f", {100 * r['achieved_tflops'] / peak:.1f}% of {peak:g} TFLOP/s peak" if peak else ""
     if r['mode'] == 'train':
         return (f"train: {r['step_s'] * 1e3:.1f} ms/step at batch {r['batch_size']}, {r['tokens_per_s']:,.0f} tokens/s, "
@@ -362,11 +368,13 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=2, help="untimed calls first (and torch.compile's compilation)")
     p.add_argument('--iters', type=int, default=5, help="timed calls; the median is reported")
     p.add_argument('--compile', action='store_true', help="torch.compile every transformer block")
-    p.add_argument('--threads', type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument('--threads', type=int, default=None,
+                   help="CPU threads for torch, and OMP_NUM_THREADS of the sample.py command (default: torch's choice)")
     p.add_argument('--peak-tflops', type=float, default=None,
                    help="the device's peak TFLOP/s for the utilisation figure (default: known GPUs in 16-bit)")
     p.add_argument('--sample-prompt', default=None,
-                   help="also time the whole `python sample.py --prompt TEXT` command (needs checkpoints/shapes.pt)")
+                   help="also time the whole `python sample.py --prompt TEXT` command (with --ckpt, else the bundled "
+                   "checkpoints/shapes.pt)")
     p.add_argument('--json', action='store_true', help="print one JSON object instead of text")
     args = p.parse_args(argv)
     for flag in ('batch_size', 'iters'):
@@ -401,7 +409,7 @@ def main(argv=None):
         for stable in ([True] if args.stable else [False] if args.no_stable or not model.config.head else [False, True]):
             results.append(bench_generation(model, args, device, dtype, sampling, stable))
     if args.sample_prompt:
-        results.append(bench_sample_command(args.sample_prompt, args.iters))
+        results.append(bench_sample_command(args.sample_prompt, args.iters, args.ckpt, args.threads))
     for r in results:
         if peak and 'achieved_tflops' in r:
             r['utilisation'] = r['achieved_tflops'] / peak

@@ -130,6 +130,7 @@ def test_checkpoint_and_errors(demo, tmp_path, capsys):
         bench.main(['--preset', 'star-256-d16', '--stable', '--device', 'cpu'])
     with pytest.raises(SystemExit):
         bench.main(FAST + ['--iters', '0'])
+    assert "not found" in bench.bench_sample_command("a red circle", 1, tmp_path / "no-such.pt")["skipped"]
 
 # ---------------------------------------------------------------- torch.compile
 
