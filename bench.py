@@ -312,13 +312,13 @@ def bench_sample_command(prompt, iters, ckpt=None, threads=None):
     ckpt = Path(ckpt) if ckpt else root / 'checkpoints' / 'shapes.pt'
     if not (root / 'sample.py').is_file() or not ckpt.is_file():
         return dict(mode='sample_command', skipped=f'sample.py or {ckpt} not found')
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(iters):
-            cmd = [sys.executable, str(root / 'sample.py'), '--prompt', prompt, '--out', str(Path(tmp) / f'{i}.png')]
-            cmd += ['--ckpt', str(ckpt)] if ckpt != root / 'checkpoints' / 'shapes.pt' else []
+            cmd = [sys.executable, str(root / 'sample.py'), '--ckpt', str(ckpt), '--prompt', prompt,
+                   '--out', str(Path(tmp) / f'{i}.png')]
             t0 = time.perf_counter()
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
             done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
             times.append(time.perf_counter() - t0)
             if done.returncode:
