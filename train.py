@@ -161,7 +161,9 @@ def token_pool(data, vae, n, seed, path, dev, rank, world, quiet=False):
         save_atomic({"idx": torch.cat(idx), "captions": caps}, path)
     if world > 1:
         dist.barrier()
-    pool = torch.load(path, map_location="cpu", weights_only=True)
+    pool = read_weights(path)
+    if not isinstance(pool, dict) or not {"idx", "captions"} <= pool.keys():
+        raise UserError(f"{path}: not a token pool written by train.py; delete it to tokenize again")
     return pool["idx"], pool["captions"]
 
 
@@ -180,18 +182,22 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, stages=STAGES):
-    """Our checkpoint at `path`, checked to come from train.py and from one of `stages`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
+def read_weights(path):
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # weights_only=True refuses any pickle that would run code; truncated files fail here too
         raise UserError(f"{path}: not a plain weights file that torch.load(weights_only=True) can read "
                         f"({type(e).__name__}): truncated, corrupt, or holding pickled code, which is refused; "
                         "delete it to redo that stage") from None
+
+
+def load_checkpoint(path, stages=STAGES):
+    """Our checkpoint at `path`, checked to come from train.py and from one of `stages`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    ck = read_weights(path)
     if not isinstance(ck, dict) or ck.get("format") != "star-pipeline":
         raise UserError(f"{path}: not a checkpoint written by train.py (expected OUT/vae.pt, star.pt or head.pt)")
     if ck.get("stage") not in stages:
@@ -446,8 +452,8 @@ def run_stage(stage, args, dev, rank, world, prev):
         loss.backward()
         gnorm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
         if not (torch.isfinite(loss) and torch.isfinite(gnorm)):   # before the update: nothing NaN is kept
-            stop_nonfinite(f"{stage} step {step + 1}: the {'loss' if not torch.isfinite(loss) else 'gradient norm'}"
-                           f" is {float(loss if not torch.isfinite(loss) else gnorm)}", path)
+            bad = ("loss", loss) if not torch.isfinite(loss) else ("gradient norm", gnorm)
+            stop_nonfinite(f"{stage} step {step + 1}: the {bad[0]} is {bad[1].item()}", path)
         opt.step()
         if stage == "vae" and quantize and (step - warm) % args.reseed_every == args.reseed_every - 1:
             parts["vae"].reseed_dead_codes(img, generator=torch.Generator().manual_seed(seed + step))
@@ -652,6 +658,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # user mistakes, and the ValueError/OSError that the model files raise for bad inputs, become one line
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         main()
     except (UserError, ValueError, OSError) as e:
