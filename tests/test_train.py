@@ -46,7 +46,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), 
 # ---------------------------------------------------------------------------------------------------
 # helpers
 
-def write_folder(root, n=8, bad=()):
+def write_folder(root, n=8):
     """n captioned 16x16 PNGs (a coloured square on white, `name.txt` beside each) in `root`."""
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -371,8 +371,8 @@ def test_huge_learning_rate_stops_with_one_line_and_keeps_checkpoints_finite(dat
     out = tmp_path / "run"
     code, err = cli(["--out", out, "--data", data, "--stage", "vae", "--vae-lr", "1e30", "--ckpt-every", "1",
                      *TINY])
-    assert_one_line_error(code, err, "is nan")
-    assert "stopped before updating the weights" in err and "--resume" in err
+    assert_one_line_error(code, err, "stopped before updating the weights")
+    assert re.search(r"vae step \d+: the (loss|gradient norm) is (nan|inf|-inf);", err) and "--resume" in err
     assert all_finite(out / "vae.pt")
 
 
