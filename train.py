@@ -196,7 +196,8 @@ def load_checkpoint(path, stages=STAGES):
     """Our checkpoint at `path`, checked to come from train.py and from one of `stages`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
+        raise UserError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, expected a checkpoint file "
+                        "written by train.py")
     ck = read_weights(path)
     if not isinstance(ck, dict) or ck.get("format") != "star-pipeline":
         raise UserError(f"{path}: not a checkpoint written by train.py (expected OUT/vae.pt, star.pt or head.pt)")
