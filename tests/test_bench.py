@@ -15,13 +15,7 @@ from tokenizer import VQVAE
 FAST = ['--preset', 'demo', '--device', 'cpu', '--warmup', '0', '--iters', '1', '--threads', '1']
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

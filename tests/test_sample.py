@@ -23,13 +23,7 @@ CAPTIONS = ["a red circle on the left", "a blue square above a green triangle", 
             "a purple circle on a black background", "a large gray square on the right"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster and leaves the other core alone."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_tiny_checkpoint(path, stage="head", half=True, sampling=None):

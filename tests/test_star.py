@@ -15,13 +15,7 @@ from star import PRESETS, STAR, STARConfig, arccos_schedule, rope_2d, sample_tok
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster (and the fixtures were made with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixture_config(folder):
