@@ -41,7 +41,8 @@ TEXT_LEN = 77  # CLIP's context: cross-attention always runs over all 77 states 
 # The bundled demo (train.py's defaults): 64px, 6 scales, depth 4 width 128, a 2-layer text encoder of
 # width 128, a ch32 VQ-VAE with 512 codes, the sampler head from scale 4; and its sampling settings.
 DEMO_STAR = STARConfig(depth=4, width=128, num_heads=2, patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=512,
-                       text_dim=128, head=True, sample_from_idx=4, cross_attn_mode='per_row', drop_path_rate=0.0)
+                       text_dim=128, head=True, sample_from_idx=4, cross_attn_mode='per_row', drop_path_rate=0.0,
+                       class_emb=False)
 DEMO_VAE = VQVAEConfig(vocab_size=512, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=DEMO_STAR.patch_nums)
 DEMO_SAMPLING = dict(cfg=2.0, top_k=10, top_p=0.0)
 RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # STAR.generate's defaults
