@@ -18,6 +18,8 @@ VQ-VAE, STAR, optimizer, step, RNG states), atomically, every --ckpt-every steps
   torchrun --nproc_per_node=2 train.py --out runs/shapes # several processes (gloo on CPU, nccl on GPU)
   python train.py --out runs/shapes --resume             # pick up after an interruption
   python train.py --export runs/shapes/head.pt checkpoints/shapes.pt   # half-precision bundle for sample.py
+  python train.py --data DIR --resolution 256 --patch-nums 1,2,3,4,5,6,8,10,13,16 --vae vae_ch160v4096z32.pth \
+      --text-encoder sd21/text_encoder --tokenizer sd21/tokenizer --depth 16 --width 1024   # released parts, frozen
 """
 import argparse
 import dataclasses
@@ -582,6 +584,8 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=positive_int, default=20000, help="training samples tokenized once for STAR/head")
     p.add_argument("--text-encoder", default=None, help="released CLIP text encoder folder (frozen)")
     p.add_argument("--tokenizer", default=None, help="BPE file or tokenizer folder for --text-encoder")
+    p.add_argument("--vae", default=None,
+                   help="released VQ-VAE weights (VAR's vae_ch160v4096z32.pth) to use frozen instead of the vae stage")
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
     p.add_argument("--vae-steps", type=positive_int, default=3000)
     p.add_argument("--star-steps", type=positive_int, default=12000)
@@ -606,7 +610,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.text_encoder and not args.tokenizer:
         p.error("--text-encoder needs --tokenizer (the BPE file or tokenizer folder that goes with it)")
-    if args.patch_nums[-1] * 8 != args.resolution:   # the VQ-VAE downsamples 8x (ch_mult has 4 levels)
+    if not args.vae and args.patch_nums[-1] * 8 != args.resolution:   # our VQ-VAE downsamples 8x
         p.error(f"--patch-nums {','.join(map(str, args.patch_nums))}: the last side must be "
                 f"--resolution / 8 = {args.resolution / 8:g}")
     if args.data == "shapes" and args.resolution != 64:
@@ -647,8 +651,14 @@ def main(argv=None):
         probe.unlink()
     except OSError as e:
         raise UserError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
-    prev = None
-    for stage in STAGES if args.stage == "all" else (args.stage,):
+    prev, stages = None, STAGES if args.stage == "all" else (args.stage,)
+    if args.vae:    # a released VQ-VAE (e.g. VAR's vae_ch160v4096z32.pth) replaces the vae stage, frozen
+        if "vae" in stages and args.stage == "vae":
+            raise UserError("--vae gives a trained VQ-VAE, so there is no 'vae' stage to run; use --stage star")
+        vae = VQVAE.from_pretrained(args.vae, patch_nums=tuple(args.patch_nums))
+        prev, stages = {"vae_config": config_dict(vae.config), "vae": vae.state_dict()}, \
+            tuple(s for s in stages if s != "vae")
+    for stage in stages:
         if prev is None and stage != "vae":
             before = STAGES[STAGES.index(stage) - 1]
             prev = load_checkpoint(out / f"{before}.pt", (before,))

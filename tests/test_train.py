@@ -536,3 +536,19 @@ def test_errors_from_the_model_files_reach_the_user_as_one_line(reference, tmp_p
     assert_one_line_error(*cli(["--out", out, "--stage", "star", "--data", data, *TINY, "--text-encoder", enc,
                                 "--tokenizer", bpe]), "pytorch_model.bin")
     assert not marker.exists()
+
+
+def test_released_vae_replaces_the_vae_stage(tmp_path):
+    """--vae: a VQ-VAE in VAR's plain state-dict layout (here 16x downsampling, as the released one) is
+    loaded frozen; the star and head stages train on its tokens and store it unchanged."""
+    vae = VQVAE(VQVAEConfig(vocab_size=16, ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1, patch_nums=(1, 2)))
+    torch.save(vae.state_dict(), tmp_path / "vae.pth")
+    argv = list(TINY)
+    argv[argv.index("--resolution") + 1] = "32"
+    out = tmp_path / "run"
+    train_in_process(["--data", str(write_folder(tmp_path / "data", n=4)), "--vae", str(tmp_path / "vae.pth"),
+                      "--out", str(out), *argv])
+    assert sorted(p.name for p in out.glob("*.pt")) == ["head.pt", "star.pt", "tokens.pt"]
+    ck = torch.load(out / "head.pt", weights_only=True)
+    assert all(torch.equal(ck["vae"][k], v) for k, v in vae.state_dict().items())
+    assert VQVAEConfig(**ck["vae_config"]).downsample == 16
