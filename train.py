@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip_text import TextConfig, TextEncoder, Tokenizer
