@@ -20,6 +20,16 @@ def need_shared(path: Path) -> Path:
     return path
 
 
+class Payload:
+    """A hostile pickle: unpickling it without weights_only=True would create the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster on one thread (and much faster when other jobs share the cores);

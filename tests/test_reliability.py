@@ -3,14 +3,13 @@ the library refuses a hostile file without running it (the command lines' own ca
 are in test_train.py and test_sample.py)."""
 import ast
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
 
 import clip_text
 import train
-from conftest import ROOT
+from conftest import Payload, ROOT
 from star import STAR
 from tokenizer import VQVAE
 
@@ -27,16 +26,6 @@ def test_every_torch_load_passes_weights_only_true():
                 calls.append((f"{path.name}:{node.lineno}", ok))
     assert len(calls) >= 6                       # the scan finds them (train, sample, star, tokenizer, ...)
     assert [where for where, ok in calls if not ok] == []
-
-
-class Payload:
-    """Unpickling this without weights_only=True would create the file `marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def hostile_files(tmp_path, marker):

@@ -6,7 +6,6 @@ import json
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 
 import sample
 from clip_text import TextConfig, TextEncoder, Tokenizer
-from conftest import BPE_PATH, FIXTURES, ROOT, need_shared
+from conftest import BPE_PATH, FIXTURES, Payload, ROOT, need_shared
 from star import PRESETS, STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
 
@@ -236,16 +235,6 @@ def test_missing_default_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     assert_error(capsys, ["--prompt", "x"], "no checkpoint at", "python train.py --out runs/shapes",
                  "--export runs/shapes/head.pt checkpoints/shapes.pt")
-
-
-class Payload:
-    """Unpickling this (without weights_only) would create the file `marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def hostile_pickle(path, marker, zip_format=True):

@@ -26,7 +26,7 @@ from PIL import Image
 import sample
 import train
 from clip_text import TextConfig, TextEncoder, Tokenizer
-from conftest import ROOT
+from conftest import Payload, ROOT
 from star import STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
 
@@ -113,16 +113,6 @@ def assert_same_weights(out_a, out_b):
                 for k in a[part]:
                     assert torch.equal(a[part][k], b[part][k]), f"{name} {part}.{k} differs"
         assert a.get("tokenizer") == b.get("tokenizer")
-
-
-class Payload:
-    """Unpickling this without weights_only=True would create the file `marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def hostile_checkpoint(path, marker):
