@@ -295,16 +295,20 @@ def _measure(ys, xs, image, labels, bg_rgb, others):
     ys, xs = np.nonzero(solid)
     dx, dy = xs - xs.mean(), ys - ys.mean()
     vx, vy = (dx ** 2).mean(), (dy ** 2).mean()
-    skew_x, skew_y = (dx ** 3).mean() / vx ** 1.5, float((dy ** 3).mean() / vy ** 1.5)
-    cross = float((dx ** 2 * dy ** 2).mean() / (vx * vy))
-    if not 0.5 <= vx / vy <= 2.0 or abs(skew_x) > 0.3:
-        shape = "other"                                 # stretched or lopsided: no drawn shape is
-    elif skew_y < -0.2:
-        shape = "triangle"
-    elif skew_y > 0.2:
-        shape = "other"                                 # upside down
+    skew_y, cross = 0.0, 0.0
+    if vx == 0 or vy == 0:
+        shape = "other"                                 # a one-pixel-wide line: no drawn shape is
     else:
-        shape = "square" if cross > 0.8 else "circle" if cross > 0.5 else "other"
+        skew_x, skew_y = (dx ** 3).mean() / vx ** 1.5, float((dy ** 3).mean() / vy ** 1.5)
+        cross = float((dx ** 2 * dy ** 2).mean() / (vx * vy))
+        if not 0.5 <= vx / vy <= 2.0 or abs(skew_x) > 0.3:
+            shape = "other"                             # stretched or lopsided: no drawn shape is
+        elif skew_y < -0.2:
+            shape = "triangle"
+        elif skew_y > 0.2:
+            shape = "other"                             # upside down
+        else:
+            shape = "square" if cross > 0.8 else "circle" if cross > 0.5 else "other"
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     return Blob(colour, shape, len(ys), int(max(y1 - y0, x1 - x0)), (x0 + x1) / 2, (y0 + y1) / 2, cross, skew_y)
 

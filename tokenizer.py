@@ -31,13 +31,17 @@ import torch.nn.functional as F
 class VQVAEConfig:
     vocab_size: int = 4096  # V: codebook entries, one codebook shared by all scales
     z_channels: int = 32  # Cvae: channels of the latent f and of every code vector
-    ch: int = 160  # width of the first encoder level (GroupNorm(32) needs multiples of 32)
+    ch: int = 160  # width of the first encoder level (a multiple of norm_groups)
     ch_mult: tuple = (1, 1, 2, 2, 4)  # width multiplier per level; 2 ** (len - 1) downsampling
     num_res_blocks: int = 2  # res-blocks per encoder level (the decoder has one more)
     patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # token-map sides, coarse to fine
     share_quant_resi: int = 4  # number of Phi convs shared across the scales
     quant_resi: float = 0.5  # Phi mixing ratio r in h * (1 - r) + conv(h) * r
     beta: float = 0.25  # commitment weight of the vq loss (training only)
+    # GroupNorm groups (32 in VAR). Small models want fewer: at width 32, 32 groups are one channel each,
+    # i.e. instance norm, which removes every channel's per-image mean, so a flat background's colour can
+    # only be carried by spatial patterns; the 64px shapes tokenizer learns colours far faster with 8.
+    norm_groups: int = 32
 
     def __post_init__(self):
         # configs come back from json / checkpoints with lists; keep tuples so configs compare equal
@@ -48,9 +52,9 @@ class VQVAEConfig:
             raise ValueError(f"patch_nums: expected strictly increasing positive sides such as "
                              f"(1, 2, 3, 4, 6, 8), got {self.patch_nums}")
         widths = [self.ch * m for m in self.ch_mult]
-        if not self.ch_mult or any(w <= 0 or w % 32 for w in widths):
+        if self.norm_groups < 1 or not self.ch_mult or any(w <= 0 or w % self.norm_groups for w in widths):
             raise ValueError(f"ch={self.ch}, ch_mult={self.ch_mult}: every level width ch * mult must be a "
-                             f"positive multiple of 32 (GroupNorm uses 32 groups), got widths {widths}")
+                             f"positive multiple of norm_groups={self.norm_groups} (GroupNorm), got widths {widths}")
         if self.share_quant_resi < 1:
             raise ValueError(f"share_quant_resi: expected >= 1 shared Phi convs (the released models use 4), "
                              f"got {self.share_quant_resi}")
@@ -70,16 +74,16 @@ class VQVAEConfig:
 # ----------------------------------------------------------------------------------------------------
 # Encoder / decoder building blocks (VQGAN-style, as in VAR's basic_vae.py; every conv has a bias)
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
-        self.norm1 = Normalize(c_in)
+        self.norm1 = Normalize(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = Normalize(c_out)
+        self.norm2 = Normalize(c_out, groups)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         # 1x1 projection only where the width changes (no key otherwise, as in the released weights)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -93,9 +97,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions, with q, k, v fused in one 1x1 conv."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int):
         super().__init__()
-        self.norm = Normalize(c)
+        self.norm = Normalize(c, groups)
         self.qkv = nn.Conv2d(c, 3 * c, 1)
         self.proj_out = nn.Conv2d(c, c, 1)
 
@@ -131,6 +135,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
+        g = cfg.norm_groups
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -139,16 +144,17 @@ class Encoder(nn.Module):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(c, c_out))
+                level.block.append(ResnetBlock(c, c_out, g))
                 c = c_out
                 if i == last:
-                    level.attn.append(AttnBlock(c))
+                    level.attn.append(AttnBlock(c, g))
             if i != last:
                 level.downsample = Downsample(c)
             self.down.append(level)
         self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
-        self.norm_out = Normalize(c)
+        self.mid.block_1, self.mid.attn_1 = ResnetBlock(c, c, g), AttnBlock(c, g)
+        self.mid.block_2 = ResnetBlock(c, c, g)
+        self.norm_out = Normalize(c, g)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -170,25 +176,27 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
+        g = cfg.norm_groups
         last = len(widths) - 1
         c = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+        self.mid.block_1, self.mid.attn_1 = ResnetBlock(c, c, g), AttnBlock(c, g)
+        self.mid.block_2 = ResnetBlock(c, c, g)
         levels = []
         for i in reversed(range(len(widths))):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(c, widths[i]))
+                level.block.append(ResnetBlock(c, widths[i], g))
                 c = widths[i]
                 if i == last:
-                    level.attn.append(AttnBlock(c))
+                    level.attn.append(AttnBlock(c, g))
             if i != 0:
                 level.upsample = Upsample(c)
             levels.insert(0, level)  # ModuleList index = level, as in the released key names
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(c)
+        self.norm_out = Normalize(c, g)
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
 
     def forward(self, z):

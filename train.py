@@ -215,8 +215,10 @@ def config_dict(cfg):
 # Models of each stage.
 
 def default_vae_config(args):
-    return VQVAEConfig(vocab_size=args.vocab_size, z_channels=32, ch=args.vae_ch, ch_mult=(1, 2, 2, 4),
-                       num_res_blocks=args.vae_res_blocks, patch_nums=tuple(args.patch_nums))
+    # 8x downsampling with narrow high-resolution levels and GroupNorm(8) (see VQVAEConfig.norm_groups):
+    # measured on 64px shapes, this trains ~2x faster per step and per wall-second than (1, 2, 2, 4) with 32
+    return VQVAEConfig(vocab_size=args.vocab_size, z_channels=32, ch=args.vae_ch, ch_mult=(1, 1, 2, 2),
+                       num_res_blocks=args.vae_res_blocks, patch_nums=tuple(args.patch_nums), norm_groups=8)
 
 
 def default_star_config(args, text_dim, vae_config):
@@ -571,7 +573,7 @@ def parse_args(argv=None):
     p.add_argument("--patch-nums", type=int_list, default=[1, 2, 3, 4, 6, 8],
                    help="token-map sides, coarse to fine; the last equals resolution / 8")
     p.add_argument("--vocab-size", type=int, default=512, help="VQ codebook size")
-    p.add_argument("--vae-ch", type=int, default=32, help="VQ-VAE base width (multiple of 32)")
+    p.add_argument("--vae-ch", type=int, default=32, help="VQ-VAE base width (multiple of 8)")
     p.add_argument("--vae-res-blocks", type=int, default=1, help="res-blocks per VQ-VAE encoder level")
     p.add_argument("--depth", type=int, default=4, help="STAR blocks")
     p.add_argument("--width", type=int, default=128, help="STAR width (multiple of 64)")

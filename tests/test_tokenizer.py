@@ -1,4 +1,5 @@
 """Tests of tokenizer.py: parity with VAR's VQ-VAE on the reference fixtures, then loading, errors, training."""
+import dataclasses
 import json
 
 import numpy as np
@@ -102,6 +103,23 @@ def test_ch160_config_has_the_released_keys_and_shapes():
     assert VQVAEConfig().downsample == 16 and VQVAEConfig().image_size == 256
 
 
+def test_norm_groups_reach_every_groupnorm_and_default_to_vars_32():
+    vae = VQVAE(tiny_config(norm_groups=8))
+    groups = {m.num_groups for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8}
+    # a config saved before the field existed (dict without it) is VAR's layout
+    old = {k: v for k, v in dataclasses.asdict(tiny_config()).items() if k != "norm_groups"}
+    assert {m.num_groups for m in VQVAE(VQVAEConfig(**old)).modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+    # same keys and shapes either way: the groups change the arithmetic, not the weights
+    ref = VQVAE(tiny_config()).state_dict()
+    assert {k: v.shape for k, v in vae.state_dict().items()} == {k: v.shape for k, v in ref.items()}
+    var = VQVAE(tiny_config())
+    var.load_state_dict(ref)
+    vae.load_state_dict(ref)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert (vae.img_to_f(x) - var.img_to_f(x)).abs().max() > 1e-3
+
+
 def test_nearest_code_takes_first_index_on_ties():
     vae = VQVAE(tiny_config(vocab_size=4))
     with torch.no_grad():
@@ -176,8 +194,10 @@ def test_patch_nums_errors():
         vae.quantize.f_to_idx(torch.zeros(1, 32, 5, 5))
     with pytest.raises(ValueError, match="strictly increasing"):
         tiny_config(patch_nums=(1, 4, 2))
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of norm_groups=32"):
         tiny_config(ch=48)
+    with pytest.raises(ValueError, match="multiple of norm_groups=5"):
+        tiny_config(norm_groups=5)
     idx = vae.img_to_idx(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="expected 3 index maps"):
         vae.idx_to_img(idx[:2])
