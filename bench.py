@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from sample import RELEASED_SAMPLING, SHAPES_SAMPLING
 from star import STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
 
@@ -39,13 +40,12 @@ TEXT_LEN = 77  # CLIP's context: cross-attention always runs over all 77 states 
 # the models to measure
 
 # The bundled demo (train.py's defaults): 64px, 6 scales, depth 4 width 128, a 2-layer text encoder of
-# width 128, a ch32 VQ-VAE with 512 codes, the sampler head from scale 4; and its sampling settings.
+# width 128, a ch32 VQ-VAE with 512 codes, the sampler head from scale 4.
 DEMO_STAR = STARConfig(depth=4, width=128, num_heads=2, patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=512,
                        text_dim=128, head=True, sample_from_idx=4, cross_attn_mode='per_row', drop_path_rate=0.0,
                        class_emb=False)
-DEMO_VAE = VQVAEConfig(vocab_size=512, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, patch_nums=DEMO_STAR.patch_nums)
-DEMO_SAMPLING = dict(cfg=2.0, top_k=10, top_p=0.0)
-RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # STAR.generate's defaults
+DEMO_VAE = VQVAEConfig(vocab_size=512, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_nums=DEMO_STAR.patch_nums,
+                       norm_groups=8)
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, by a substring of the device name.
 PEAK_TFLOPS_16BIT = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}
@@ -85,7 +85,7 @@ def build(args, device, dtype):
         with torch.device(device):  # random weights initialised where they run: no copy of 2B floats
             vae = VQVAE(vae_config)
             model = STAR(star_config, vae)
-        name, sampling = args.preset, dict(DEMO_SAMPLING if args.preset == 'demo' else RELEASED_SAMPLING)
+        name, sampling = args.preset, dict(SHAPES_SAMPLING if args.preset == 'demo' else RELEASED_SAMPLING)
     vae.to(device).eval()
     model.to(device, dtype).eval()
     sampling.update({k: v for k, v in (('cfg', args.cfg), ('top_k', args.top_k), ('top_p', args.top_p)) if v is not None})

@@ -39,6 +39,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from clip_text import TextConfig, TextEncoder, Tokenizer
+from sample import SHAPES_SAMPLING
 from star import STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig, reconstruction_loss
 
@@ -290,7 +291,7 @@ def pack(stage, parts, args, step, opt=None, seconds=0.0):
     if "star" in parts:
         ck.update(tokenizer=parts["tokenizer"].state_dict(), text_config=config_dict(parts["text"].config),
                   text_encoder=parts["text"].state_dict(), star_config=config_dict(parts["star"].config),
-                  star=parts["star"].state_dict(), sampling=dict(SAMPLING))
+                  star=parts["star"].state_dict(), sampling=dict(SHAPES_SAMPLING))
     if opt is not None:
         ck.update(optimizer=opt.state_dict(), rng=torch.get_rng_state())
         if stage == "vae":    # dead-code counters: not weights, but --resume must re-seed the same codes
@@ -360,7 +361,7 @@ def evaluate_shapes(parts, n, dev, stable, seed=0):
     caps = shapes.heldout_captions(n, seed)
     ok = {True: [], False: []}
     for i in range(0, n, 50):
-        img = generate(parts, caps[i:i + 50], seed + i, dev, stable=stable, **SAMPLING)
+        img = generate(parts, caps[i:i + 50], seed + i, dev, stable=stable, **SHAPES_SAMPLING)
         arr = (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         for c, a in zip(caps[i:i + 50], arr):
             r = shapes.judge(c, a)
@@ -368,8 +369,6 @@ def evaluate_shapes(parts, n, dev, stable, seed=0):
     return float(np.mean(ok[False])), float(np.mean(ok[True]))
 
 
-# Sampling settings of the bundled shapes model (stored in its checkpoint; sample.py uses them).
-SAMPLING = dict(cfg=2.0, top_k=10, top_p=0.0)
 
 
 def run_stage(stage, args, dev, rank, world, prev):
@@ -479,7 +478,7 @@ def run_stage(stage, args, dev, rank, world, prev):
                         parts["vae"].quantize.idx_to_fhat(parts["vae"].img_to_idx(img[:8])))]).add(1).div(2),
                         out / f"{stage}_{done:06d}.png")
                 else:
-                    save_grid(generate(parts, PREVIEW, 0, dev, stable=stage == "head", **SAMPLING),
+                    save_grid(generate(parts, PREVIEW, 0, dev, stable=stage == "head", **SHAPES_SAMPLING),
                               out / f"{stage}_{done:06d}.png")
             if args.eval_every and args.data == "shapes" and stage != "vae" and \
                     (done % args.eval_every == 0 or done == steps):

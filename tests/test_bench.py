@@ -95,7 +95,7 @@ def test_json_output_and_utilisation(capsys):
     assert r["s_per_image"] == pytest.approx(r["latency_s"] / 2) and r["peak_memory_gib"] > 0
     assert r["flops_per_image"] == sum(bench.generation_flops(bench.DEMO_STAR, bench.DEMO_VAE).values())
     assert r["utilisation"] == pytest.approx(r["flops_per_image"] * 2 / r["latency_s"] / 1.5e12)
-    assert r["sampling"] == bench.DEMO_SAMPLING
+    assert r["sampling"] == bench.SHAPES_SAMPLING
 
 
 def test_train_mode(capsys):
