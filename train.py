@@ -369,8 +369,6 @@ def evaluate_shapes(parts, n, dev, stable, seed=0):
     return float(np.mean(ok[False])), float(np.mean(ok[True]))
 
 
-
-
 def run_stage(stage, args, dev, rank, world, prev):
     """Train one stage from its start (or from OUT/<stage>.pt with --resume); returns its final checkpoint."""
     out = Path(args.out)
