@@ -124,10 +124,19 @@ def rope_2d(pn, head_dim, theta, rope_norm):
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x_BHLc, rope_Lc):
-    """Rotate adjacent channel pairs of x (B, H, L, c) by rope (L, c/2); computed in float32."""
-    x = torch.view_as_complex(x_BHLc.float().reshape(*x_BHLc.shape[:-1], -1, 2))  # (B, H, L, c/2)
-    return torch.view_as_real(x * rope_Lc).flatten(-2).type_as(x_BHLc)
+def apply_rope(x_BHLc, rope_Lc2):
+    """Rotate adjacent channel pairs of x (B, H, L, c) by rope (L, c/2, 2); computed in float32.
+
+    rope holds the cosine and sine of every angle: torch.view_as_real of rope_2d's table (a complex
+    table is taken as well). A pair (x0, x1) read as the complex number x0 + i x1, times cos + i sin, is
+    (x0 cos - x1 sin, x0 sin + x1 cos): the same products and sums as the complex multiply, bit for bit,
+    written with real tensors only, because torch.compile's code generators have no complex numbers.
+    """
+    if rope_Lc2.is_complex():
+        rope_Lc2 = torch.view_as_real(rope_Lc2)
+    cos, sin = rope_Lc2.unbind(-1)                                           # each (L, c/2)
+    x0, x1 = x_BHLc.float().unflatten(-1, (-1, 2)).unbind(-1)                # each (B, H, L, c/2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x_BHLc)
 
 # -----------------------------------------------------------------------------
 # attention, FFN, block
@@ -151,19 +160,23 @@ def drop_path(x, p, training):
 
 
 class KVCache:
-    """Preallocated keys/values of one self-attention for a whole generation: (N, H, L, c)."""
+    """Preallocated keys/values of one self-attention for a whole generation: (N, H, L, c).
+
+    Scale si writes its keys and values at its own positions begin:end and attends to positions 0:end
+    (itself and every coarser scale). Both bounds are fixed per scale and the cache keeps no count of
+    what it holds, so every scale's step has fixed shapes and no Python state changes inside it: what
+    torch.compile needs to capture a scale as one graph (see STAR.compile_decoding).
+    """
 
     def __init__(self, n, num_heads, seq_len, head_dim, device, dtype):
         self.k = torch.empty(n, num_heads, seq_len, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
-        self.len = 0
 
-    def append(self, k, v):
-        l = k.shape[2]
-        self.k[:, :, self.len: self.len + l] = k
-        self.v[:, :, self.len: self.len + l] = v
-        self.len += l
-        return self.k[:, :, : self.len], self.v[:, :, : self.len]
+    def write(self, begin, k, v):
+        end = begin + k.shape[2]
+        self.k[:, :, begin:end] = k
+        self.v[:, :, begin:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class QKNormAttention(nn.Module):
@@ -197,16 +210,16 @@ class SelfAttention(QKNormAttention):
         self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x_BLC, rope_Lc, mask=None, cache=None):
+    def forward(self, x_BLC, rope_Lc2, mask=None, cache=None, begin=0):
         B, L, C = x_BLC.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # each (B, H, L, c)
-        q, k = apply_rope(q, rope_Lc), apply_rope(k, rope_Lc)                # RoPE, then normalise
+        q, k = apply_rope(q, rope_Lc2), apply_rope(k, rope_Lc2)              # RoPE, then normalise
         q = F.normalize(q, dim=-1) * self.head_scale()
         k = F.normalize(k, dim=-1)
-        if cache is not None:                                                # generation: the scale
-            k, v = cache.append(k, v)                                        # sees all coarser ones
+        if cache is not None:                                                # generation: the scale at
+            k, v = cache.write(begin, k, v)                                  # begin sees all coarser ones
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, L, c)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -260,9 +273,9 @@ class Block(nn.Module):
     def ln(self, x):  # one non-affine LayerNorm, used before each of the three branches
         return layer_norm(x, self.eps)
 
-    def forward(self, x_NLC, rope_Lc, mask=None, text=None, cache=None):
+    def forward(self, x_NLC, rope_Lc2, mask=None, text=None, cache=None, begin=0):
         p = self.drop_path_rate
-        x_NLC = x_NLC + drop_path(self.attn(self.ln(x_NLC), rope_Lc, mask, cache), p, self.training)
+        x_NLC = x_NLC + drop_path(self.attn(self.ln(x_NLC), rope_Lc2, mask, cache, begin), p, self.training)
         if self.cross_attn is not None:
             # text holds Bt rows. When Bt < N (guidance in 'batch_of_one' mode: N = 2 Bt rows
             # [cond; uncond]) only the first Bt rows are computed and row r's output is added to rows
@@ -312,14 +325,31 @@ def sample_tokens(logits_BlV, top_k, top_p, generator=None):
     Returns (idx_Bl, prob_Bl) on the CPU: the tokens and their probability after filtering.
     (Unlike the reference, tokens tied with the k-th largest logit are not kept as well.)
     """
-    B, l, V = logits_BlV.shape
+    return draw_tokens(*filter_logits(logits_BlV, top_k, top_p), generator)
+
+
+def filter_logits(logits_BlV, top_k, top_p):
+    """The filtering half of sample_tokens: (probabilities (B, l, k), their token ids (B, l, k)).
+
+    Runs on the logits' device without a host synchronisation (part of a compiled decoding step).
+    """
+    V = logits_BlV.shape[-1]
     k = top_k if 0 < top_k < V else V
     vals_Blk, cand_Blk = logits_BlV.float().topk(k, dim=-1)             # sorted, largest first
     if 0 < top_p < 1:
         probs = vals_Blk.softmax(-1)
         mass_before = probs.cumsum(-1) - probs                           # mass of the likelier ones
         vals_Blk = vals_Blk.masked_fill(mass_before >= top_p, -math.inf)  # never drops the first
-    probs_Nk = vals_Blk.softmax(-1).view(-1, k).cpu()
+    return vals_Blk.softmax(-1), cand_Blk
+
+
+def draw_tokens(probs_Blk, cand_Blk, generator=None):
+    """The drawing half of sample_tokens: one candidate per position, drawn on the CPU.
+
+    This is where generation waits for the device: the probabilities come to the host for the draw.
+    """
+    B, l, k = probs_Blk.shape
+    probs_Nk = probs_Blk.view(-1, k).cpu()
     pick_N1 = torch.multinomial(probs_Nk, 1, replacement=True, generator=generator)
     idx_Bl = cand_Blk.view(-1, k).gather(1, pick_N1.to(cand_Blk.device)).view(B, l).cpu()
     return idx_Bl, probs_Nk.gather(1, pick_N1).view(B, l)
@@ -385,16 +415,20 @@ class STAR(nn.Module):
         self.register_buffer('lvl_L', lvl_L.to(device), persistent=False)     # (L,) scale of each token
         rope = torch.cat([rope_2d(pn, cfg.width // cfg.num_heads, cfg.rope_theta, cfg.rope_norm)
                           for pn in cfg.patch_nums])
-        self.rope_Lc = rope.to(device)                                         # (L, c/2) complex64
+        self.rope_Lc2 = torch.view_as_real(rope).clone().to(device)            # (L, c/2, 2) cos, sin
 
     def _apply(self, fn, recurse=True):
         # .to(device, dtype), .half(), .cuda(), ... go through here. The RoPE table is a plain attribute,
-        # not a buffer: .to(torch.bfloat16) would cast a complex buffer to real and drop its imaginary
-        # part. It is rebuilt on the new device instead and stays complex64 (float32 angles) whatever
-        # dtype the weights take.
+        # not a buffer: .to(torch.bfloat16) would round the cosines and sines. It is rebuilt on the new
+        # device instead and stays float32 whatever dtype the weights take.
         super()._apply(fn, recurse)
         self._make_tables()
         return self
+
+    @property
+    def rope_Lc(self):
+        """The RoPE table as rotations, complex64 (L, c/2) (rope_2d's form); the model uses rope_Lc2."""
+        return torch.view_as_complex(self.rope_Lc2)
 
     @property
     def vae(self):
@@ -455,7 +489,7 @@ class STAR(nn.Module):
         mask_LL = self.lvl_L[:, None] >= self.lvl_L[None, :]
         for block in self.blocks:
             text = block.cross_attn.text_kv(text_hidden, text_mask)
-            x_BLC = block(x_BLC, self.rope_Lc, mask_LL, text)
+            x_BLC = block(x_BLC, self.rope_Lc2, mask_LL, text)
         return x_BLC
 
     def logits(self, h_NLC):
@@ -509,7 +543,7 @@ class STAR(nn.Module):
         feat = torch.cat([txt_N1C, img_NlC], dim=1)                          # (N, 1+l, C)
         prev = torch.cat([txt_N1C, prev_NlC], dim=1)                         # (N, 1+l, C)
         y = self.head_proj(torch.cat([feat, prev], dim=-1))                  # 2C -> C
-        rope = torch.cat([self.rope_Lc[:1], self.rope_Lc[begin:end]])        # text token: angle 0
+        rope = torch.cat([self.rope_Lc2[:1], self.rope_Lc2[begin:end]])      # text token: angle 0
         for block in self.feat_extract_blocks:
             y = block(y, rope, mask)
         h = layer_norm(y, cfg.norm_eps) if cfg.logit_norm else y
@@ -625,13 +659,11 @@ class STAR(nn.Module):
         for si, pn in enumerate(config.patch_nums):
             begin, end = self.begin_ends[si]
             t = cfg * si / (K - 1)                     # guidance ramps from 0 to cfg
-            x_NlC = tokens_NlC
-            for block, text, cache in zip(self.blocks, texts, caches):
-                x_NlC = block(x_NlC, self.rope_Lc[begin:end], None, text, cache)
+            x_NlC = self.trunk_step(si, tokens_NlC, texts, caches)
             if stable and si >= config.sample_from_idx:
                 idx_Bl, _ = self._stable_scale(si, x_NlC, pooled_ND, cfg, t, top_k, top_p, generator)
             else:
-                idx_Bl, _ = sample_tokens(guide(self.logits(x_NlC), t), top_k, top_p, generator)
+                idx_Bl, _ = draw_tokens(*self.trunk_candidates(x_NlC, t, top_k, top_p), generator)
             idx_Bl = idx_Bl.to(codebook_VCv.device)
             idx_list.append(idx_Bl)
             h_BChw = codebook_VCv[idx_Bl].transpose(1, 2).reshape(B, config.vae_dim, pn, pn)
@@ -644,6 +676,29 @@ class STAR(nn.Module):
                 tokens_NlC = (self.word_embed(next_BlCv) + self.lvl_embed(self.lvl_L[nb:ne])).repeat(2, 1, 1)
         img = vae.fhat_to_img(f_hat).add(1).mul(0.5)   # [-1, 1] -> [0, 1]
         return img, idx_list, scale_imgs
+
+    # The steps of one scale: what runs between two token draws, on the device, without a host
+    # synchronisation and with the same shapes at every generation: each can be one compiled graph.
+
+    def trunk_step(self, si, tokens_NlC, texts, caches):
+        """The trunk on scale si's tokens (N, l, C) -> last block's output (N, l, C) (before logit_norm).
+
+        Each block's keys and values go into its cache at the scale's positions; the scale attends to
+        them and to every coarser scale's.
+        """
+        begin, end = self.begin_ends[si]
+        x_NlC = tokens_NlC
+        for block, text, cache in zip(self.blocks, texts, caches):
+            x_NlC = block(x_NlC, self.rope_Lc2[begin:end], None, text, cache, begin)
+        return x_NlC
+
+    def trunk_candidates(self, x_NlC, t, top_k, top_p):
+        """Output layer, guidance t and filters on trunk states -> (probs, token ids) (B, l, k) to draw from."""
+        return filter_logits(guide(self.logits(x_NlC), t), top_k, top_p)
+
+    def head_candidates(self, si, x_NlC, e_NlCv, pooled_ND, cfg, top_k, top_p):
+        """One sampler-head pass at scale si with guidance cfg and filters -> (probs, token ids) (B, l, k)."""
+        return filter_logits(guide(self.head_forward(x_NlC, e_NlCv, pooled_ND, si), cfg), top_k, top_p)
 
     def _stable_scale(self, si, x_NlC, pooled_ND, cfg, t, top_k, top_p, generator):
         """Causal-driven stable sampling of one scale (the reference's '1024' variant).
@@ -666,19 +721,19 @@ class STAR(nn.Module):
         codebook_VCv = self.vae.quantize.embedding.weight
         idx_Bl = torch.zeros(B, pn * pn, dtype=torch.long)
         commit_step_Bl = torch.full((B, pn * pn), -1)
-        trunk_logits = None
+        trunk_cand = None
         for s, n in enumerate(arccos_schedule(steps, pn)):
             if s < trunk_steps:
-                if trunk_logits is None:               # the trunk's logits do not change within a scale
-                    trunk_logits = guide(self.logits(x_NlC), t)
-                new_idx_Bl, conf_Bl = sample_tokens(trunk_logits, top_k, top_p, generator)
+                if trunk_cand is None:                 # the trunk's logits do not change within a scale
+                    trunk_cand = self.trunk_candidates(x_NlC, t, top_k, top_p)
+                new_idx_Bl, conf_Bl = draw_tokens(*trunk_cand, generator)
                 commit(idx_Bl, commit_step_Bl, new_idx_Bl, conf_Bl, n, s)
             else:
                 committed_Bl1 = (commit_step_Bl >= 0)[..., None]
                 e_BlCv = codebook_VCv[idx_Bl.to(codebook_VCv.device)] * committed_Bl1.to(codebook_VCv.device)
                 e_NlCv = e_BlCv.to(x_NlC.device, x_NlC.dtype).repeat(2, 1, 1)  # same for both guidance rows
-                logits_NlV = self.head_forward(x_NlC, e_NlCv, pooled_ND, si)
-                new_idx_Bl, conf_Bl = sample_tokens(guide(logits_NlV, cfg), top_k, top_p, generator)
+                new_idx_Bl, conf_Bl = draw_tokens(*self.head_candidates(si, x_NlC, e_NlCv, pooled_ND, cfg, top_k,
+                                                                         top_p), generator)
             if s < config.stable_random_steps:
                 conf_Bl = torch.rand(B, pn * pn, generator=generator)
             commit(idx_Bl, commit_step_Bl, new_idx_Bl, conf_Bl * (commit_step_Bl < 0), n, s)
