@@ -677,8 +677,8 @@ class STAR(nn.Module):
         img = vae.fhat_to_img(f_hat).add(1).mul(0.5)   # [-1, 1] -> [0, 1]
         return img, idx_list, scale_imgs
 
-    # The steps of one scale: what runs between two token draws, on the device, without a host
-    # synchronisation and with the same shapes at every generation: each can be one compiled graph.
+    # The steps of one scale: what runs between two token draws. With compile_decoding() each becomes
+    # one torch.compile graph per scale (a scale's shapes never change); eager runs the same methods.
 
     def trunk_step(self, si, tokens_NlC, texts, caches):
         """The trunk on scale si's tokens (N, l, C) -> last block's output (N, l, C) (before logit_norm).
@@ -739,6 +739,29 @@ class STAR(nn.Module):
             commit(idx_Bl, commit_step_Bl, new_idx_Bl, conf_Bl * (commit_step_Bl < 0), n, s)
         assert (commit_step_Bl >= 0).all(), "the schedule commits every position"
         return idx_Bl, commit_step_Bl
+
+    def compile_decoding(self):
+        """Compile the steps of generation (trunk_step, trunk_candidates, head_candidates) in place.
+
+        At batch 1 a scale's step is hundreds of small ops, each a kernel launch on a GPU; torch.compile
+        fuses them into a few kernels per scale. A step has no Python state and no host synchronisation,
+        so each (scale, batch size) compiles once into one graph; the draw between steps stays eager.
+        Generation runs the same methods either way: only these three attributes change. Compilation
+        happens during the first generation (minutes on a CPU). Raises RuntimeError, with the reason,
+        where torch.compile cannot run on the model's device (no C++ compiler or Triton, an unsupported
+        Python); the model is then left as it was.
+        """
+        try:                                           # a tiny graph first: fail here, not mid-generation
+            torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2, device=self.pos_start.device))
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [''])[0][:200]
+            raise RuntimeError(f"torch.compile is not available here ({type(e).__name__}: {reason})") from None
+        # one graph per scale and batch size: raise dynamo's default limit of 8 graphs per function
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * len(self.config.patch_nums))
+        for name in ('trunk_step', 'trunk_candidates', 'head_candidates'):
+            setattr(self, name, torch.compile(getattr(self, name), dynamic=False))
+        return self
 
     # ------------------------------------------------------------------ loading
 

@@ -477,3 +477,79 @@ def test_dtype_casts_keep_rope_and_agree_with_float32(vae):
         else:
             assert_close(tf, tf32, atol=0.05 * tf32.abs().max().item())
     assert model.half().rope_Lc.dtype == torch.complex64
+
+# ---------------------------------------------------------------- the compiled decoding step
+
+
+def test_real_rope_equals_the_complex_rotation():
+    """apply_rope rotates with real cos/sin tables (torch.compile has no complex numbers): the complex
+    product it replaces, within 1e-6 in float32; the model's table stays float32 in any dtype."""
+    from star import apply_rope
+    table = torch.cat([rope_2d(pn, 64, 10000.0, 64.0) for pn in (1, 2, 3, 5, 8, 13)])     # complex (L, 32)
+    x = torch.randn(2, 3, table.shape[0], 64)
+    complex_rotation = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table).flatten(-2)
+    real_rotation = apply_rope(x, torch.view_as_real(table))
+    assert (real_rotation - complex_rotation).abs().max() <= 1e-6
+    assert torch.equal(apply_rope(x, table), real_rotation)
+    model = STAR(STARConfig(depth=1, width=64, num_heads=1, patch_nums=(1, 2, 3), text_dim=16)).to(torch.bfloat16)
+    assert model.rope_Lc2.dtype == torch.float32 and not model.rope_Lc2.is_complex()
+
+
+def eager_backend(monkeypatch):
+    """torch.compile through dynamo only (no inductor): captures the same graphs in seconds."""
+    import functools
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def test_decoding_steps_compile_whole_without_graph_breaks(vae, monkeypatch):
+    """compile_decoding captures every step of every scale as one graph, with no graph break and no
+    recompilation on the next call; the loop runs the same methods, so the tokens are the eager ones.
+    Dynamo with its eager backend makes the graphs here; the slow tests below run them with inductor."""
+    from torch._dynamo.utils import counters
+    model, inp = load_fixture("star_head", vae)
+    kw = dict(cfg=4.0, top_k=1, top_p=0.0, stable=True, return_indices=True)  # greedy; random commit order:
+    _, eager = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), **kw)
+    eager_backend(monkeypatch)
+    assert model.compile_decoding() is model
+    _, compiled = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    K, first_head = len(model.config.patch_nums), model.config.sample_from_idx
+    # a graph per scale for the trunk, per trunk-sampled scale for the output layer (scales before the
+    # head's and the head's non-last scales), per head scale for the head; the probe is one more
+    graphs = K + (first_head + K - 1 - first_head) + (K - first_head) + 1
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    _, again = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), **kw)
+    assert counters["stats"]["unique_graphs"] == graphs and all(torch.equal(a, b) for a, b in zip(eager, again))
+
+
+def test_compile_decoding_where_compile_cannot_run(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore details")
+    model = STAR(STARConfig(depth=1, width=64, num_heads=1, patch_nums=(1, 2), text_dim=16))
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.raises(RuntimeError, match=r"^torch.compile is not available here \(RuntimeError: no C\+\+ compiler found\)$"):
+        model.compile_decoding()
+    assert "trunk_step" not in vars(model)                   # left eager
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, stable", [("star", False), ("star_head", True)])
+def test_inductor_compiled_generation_gives_the_eager_tokens(vae, folder, stable, request):
+    """Inductor's fused kernels round differently from eager ops, yet greedy generation on the parity
+    fixtures picks the same tokens at every scale (and the reference's, for the trunk)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("compiles for minutes on a CPU; run with -m slow")
+    model, inp = load_fixture(folder, vae)
+    kw = dict(cfg=4.0, top_k=1, top_p=0.0, stable=stable, return_indices=True)
+    img, eager = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), **kw)
+    torch._dynamo.reset()
+    img_c, compiled = model.compile_decoding().generate(*text_args(inp), generator=torch.Generator().manual_seed(0),
+                                                        **kw)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert torch.equal(img, img_c)                            # the same tokens decode to the same image
+    if folder == "star":
+        exp = torch.load(FIXTURES / "star" / "expected_b1.pt", weights_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(compiled, exp["ar_b1_cfg4_idx_Bl"]))
