@@ -12,11 +12,12 @@ guidance rows in one batch), timed after warm-up with the device synchronised. T
 
     python bench.py --preset demo --device cpu                       # the bundled model's size, on a CPU
     python bench.py --preset star-1024-sampler                       # one GPU, bf16: with and without the head
-    python bench.py --preset star-1024-d30 --batch-size 4 --compile
+    python bench.py --preset star-1024-d30 --batch-size 4 --compile   # compiled decoding steps
     python bench.py --preset star-256-d16 --train --batch-size 32    # training steps, bf16 autocast
     python bench.py --ckpt checkpoints/shapes.pt --sample-prompt "a red circle" --json
 """
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -260,6 +262,96 @@ def random_text(config, rows, device, dtype, generator):
     return hidden, mask.to(device), pooled
 
 
+# -----------------------------------------------------------------------------
+# per scale: time and op counts (where a small model's time goes at batch 1)
+
+LAUNCHES = ('cudaLaunchKernel', 'cudaLaunchKernelExC', 'cuLaunchKernel', 'cuLaunchKernelEx', 'cudaGraphLaunch')
+
+
+@contextmanager
+def scale_marks(model, on_mark):
+    """Call on_mark(si) where scale si of STAR.generate begins (its trunk_step) and on_mark('decode') where
+    the VQ-VAE decoder begins; compiled or not, the model's steps run as they are."""
+    patched = [(model, 'trunk_step'), (model.vae, 'fhat_to_img')]
+    saved = [(obj, name, obj.__dict__.get(name), getattr(obj, name)) for obj, name in patched]
+
+    def marked(fn, label=None):
+        def call(*a, **kw):
+            on_mark(a[0] if label is None else label)
+            return fn(*a, **kw)
+        return call
+
+    model.trunk_step = marked(saved[0][3])
+    model.vae.fhat_to_img = marked(saved[1][3], 'decode')
+    try:
+        yield
+    finally:
+        for obj, name, own, _ in saved:      # back to the method, or to the compiled step
+            if own is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, own)
+
+
+def is_op(e):
+    """A CPU profiler event that is one operator call: an aten op, or a kernel of a compiled graph."""
+    return e.name.startswith('aten::') or 'cpp_fused' in e.name
+
+
+def counted(e, device):
+    """Kernel launches on CUDA; on a CPU the outermost operator calls (an op that calls others counts once)."""
+    if device.type == 'cuda':
+        return e.name in LAUNCHES
+    if not is_op(e):
+        return False
+    parent = e.cpu_parent
+    while parent is not None:
+        if is_op(parent):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def scale_breakdown(model, run, device):
+    """Per scale of one generation: wall time (ms) and ops (CPU: operator calls; CUDA: kernel launches).
+
+    A scale runs from its trunk step to the next scale's: trunk, output layer or sampler head, the draw and
+    the next scale's input; 'decode' is the VQ-VAE decoder. Time comes from a plain run with the device
+    synchronised at every mark, ops from a second, profiled run. At batch 1 a small scale costs about its
+    op count times the cost of one op: that is the launch-bound part which compiling removes.
+    """
+    marks = []
+
+    def timed_mark(label):
+        sync(device)
+        marks.append((label, time.perf_counter()))
+
+    with scale_marks(model, timed_mark):
+        run()
+        sync(device)
+    ends = [t for _, t in marks[1:]] + [time.perf_counter()]
+
+    def profiler_mark(label):
+        with torch.profiler.record_function('bench.mark'):
+            pass
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with scale_marks(model, profiler_mark), torch.profiler.profile(activities=activities) as prof:
+        run()
+    events = prof.events()
+    starts = sorted(e.time_range.start for e in events if e.name == 'bench.mark')
+    ops = [0] * len(starts)
+    for e in events:
+        if counted(e, device):
+            i = bisect.bisect_right(starts, e.time_range.start) - 1
+            if i >= 0:
+                ops[i] += 1
+    sides = model.config.patch_nums
+    return [dict(scale='decode' if label == 'decode' else f'{sides[label]}x{sides[label]}', ms=(end - t0) * 1e3,
+                 ops=n) for (label, t0), end, n in zip(marks, ends, ops)]
+
+
 def bench_generation(model, args, device, dtype, sampling, stable):
     B = args.batch_size
     g = torch.Generator().manual_seed(0)
@@ -272,7 +364,9 @@ def bench_generation(model, args, device, dtype, sampling, stable):
     times = timed(run, device, args.warmup, args.iters)
     latency = statistics.median(times)
     flops = generation_flops(model.config, model.vae.config, stable)
-    return dict(mode='generate', stable=stable, batch_size=B, sampling=sampling, latency_s=latency,
+    scales = scale_breakdown(model, run, device)
+    return dict(mode='generate', stable=stable, batch_size=B, sampling=sampling, latency_s=latency, scales=scales,
+                scale_ops='kernel launches' if device.type == 'cuda' else 'operator calls',
                 s_per_image=latency / B, images_per_s=B / latency, times_s=times,
                 peak_memory_gib=peak_memory_gib(device), flops_per_image=sum(flops.values()),
                 flops_by_part=flops, achieved_tflops=sum(flops.values()) * B / latency / 1e12)
@@ -343,10 +437,12 @@ def describe(r, peak):
                 f"peak memory {r['peak_memory_gib']:.2f} GiB, {r['flops_per_step'] / 1e12:.3g} TFLOP/step, "
                 f"{r['achieved_tflops']:.3g} TFLOP/s{util}")
     parts = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in r['flops_by_part'].items())
+    per_scale = ", ".join(f"{s['scale']} {s['ms']:.1f} ms {s['ops']}" for s in r['scales'])
     return (f"generate {'with' if r['stable'] else 'without'} the sampler head: {r['latency_s'] * 1e3:.1f} ms/batch of "
             f"{r['batch_size']}, {r['s_per_image'] * 1e3:.1f} ms/image, {r['images_per_s']:.2f} images/s, "
             f"peak memory {r['peak_memory_gib']:.2f} GiB, {r['flops_per_image'] / 1e9:.4g} GFLOP/image "
-            f"({parts}), {r['achieved_tflops']:.3g} TFLOP/s{util}")
+            f"({parts}), {r['achieved_tflops']:.3g} TFLOP/s{util}\n"
+            f"  per scale (ms, {r['scale_ops']}; one batch): {per_scale}")
 
 
 def parse_args(argv=None):
@@ -368,7 +464,8 @@ def parse_args(argv=None):
     p.add_argument('--train', action='store_true', help="time training steps instead of generation")
     p.add_argument('--warmup', type=int, default=2, help="untimed calls first (and torch.compile's compilation)")
     p.add_argument('--iters', type=int, default=5, help="timed calls; the median is reported")
-    p.add_argument('--compile', action='store_true', help="torch.compile every transformer block")
+    p.add_argument('--compile', action='store_true', help="torch.compile the per-scale decoding steps "
+                   "(STAR.compile_decoding; with --train: every transformer block); compiles during --warmup")
     p.add_argument('--threads', type=int, default=None,
                    help="CPU threads for torch, and OMP_NUM_THREADS of the sample.py command (default: torch's choice)")
     p.add_argument('--peak-tflops', type=float, default=None,
@@ -399,9 +496,17 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (and the VQ decode) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     model, name, sampling = build(args, device, torch.float32 if args.train else dtype)
-    if args.compile:
+    if args.compile and args.train:
         for block in list(model.blocks) + list(getattr(model, 'feat_extract_blocks', [])):
             block.compile()  # in place: the state_dict keys stay the same
+    elif args.compile:
+        try:
+            model.compile_decoding()
+            if device.type == 'cpu':  # name the compiled kernels in the profiler, for the per-scale op counts
+                torch._inductor.config.cpp.enable_kernel_profile = True
+        except RuntimeError as e:
+            print(f"note: {e}; measuring eager generation", file=sys.stderr)
+            args.compile = False
     peak = peak_tflops(args, device, dtype)
     results = []
     if args.train:
