@@ -479,6 +479,9 @@ def parse_args(argv=None):
                    help="auto: cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="STAR's precision; auto: bfloat16 on GPUs that support it, else float32")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile STAR's per-scale decoding steps: faster on GPUs after a first run that "
+                   "compiles (minutes on a CPU); same tokens up to float noise")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE",
                    help="image file for a single image, or the --grid sheet (default sample.png)")
@@ -645,6 +648,11 @@ def run(argv=None):
             raise
         raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): use {smaller}"
                         "a device with more memory, or a smaller model") from None
+    if args.compile:
+        try:
+            pipe.star.compile_decoding()
+        except RuntimeError as e:
+            print(f"note: {e}; generating eagerly", file=sys.stderr)
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
