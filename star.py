@@ -18,6 +18,7 @@ Tests: python -m pytest -q tests/test_star.py
 """
 import math
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -759,8 +760,9 @@ class STAR(nn.Module):
         # one graph per scale and batch size: raise dynamo's default limit of 8 graphs per function
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * len(self.config.patch_nums))
+        # partials of the class's functions, not bound methods: a copy.deepcopy of the model runs its own
         for name in ('trunk_step', 'trunk_candidates', 'head_candidates'):
-            setattr(self, name, torch.compile(getattr(self, name), dynamic=False))
+            setattr(self, name, partial(torch.compile(getattr(type(self), name), dynamic=False), self))
         return self
 
     # ------------------------------------------------------------------ loading

@@ -523,6 +523,12 @@ def test_decoding_steps_compile_whole_without_graph_breaks(vae, monkeypatch):
     assert not counters["graph_break"], dict(counters["graph_break"])
     _, again = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), **kw)
     assert counters["stats"]["unique_graphs"] == graphs and all(torch.equal(a, b) for a, b in zip(eager, again))
+    twin = copy.deepcopy(model)                              # a copy runs its own weights
+    with torch.no_grad():
+        twin.head_logits.bias.add_(100.0 * torch.arange(twin.config.vocab_size))
+    _, other = twin.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), stable=False,
+                             **{k: v for k, v in kw.items() if k != "stable"})
+    assert all((i == twin.config.vocab_size - 1).all() for i in other)  # its last token wins everywhere
 
 
 def test_compile_decoding_where_compile_cannot_run(monkeypatch):
