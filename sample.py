@@ -10,6 +10,7 @@ encoder and tokenizer). Images come back as uint8 arrays (N, H, W, 3); a seed fi
 
   python sample.py --prompt "a red circle above a blue square"            # bundled model -> sample.png
   python sample.py --prompts-file prompts.txt --num-images 4 --out-dir out --grid --save-scales
+  python sample.py --prompt "a red circle to the left of a blue square" --image in.png --mask mask.png
   python sample.py --preset star-1024-sampler --star star-1024-sampler.pth --vae vae_ch160v4096z32.pth \\
       --text-encoder sd21/text_encoder --tokenizer sd21/tokenizer --prompt "a corgi on the moon"
 Tests: python -m pytest -q tests/test_sample.py
@@ -31,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clip_text import TextConfig, TextEncoder, Tokenizer
-from star import PRESETS, STAR, STARConfig
+from star import PRESETS, STAR, STARConfig, keep_masks
 from tokenizer import VQVAE, VQVAEConfig
 
 # -----------------------------------------------------------------------------
@@ -229,6 +230,84 @@ class Pipeline:
         images = np.concatenate(images)
         return (images, np.concatenate(scales)) if return_scales else images
 
+    def edit(self, prompts, image, mask, seed=0, cfg=None, top_k=None, top_p=None, stable=None,
+             images_per_prompt=1, batch_size=None, progress=False):
+        """Inpaint / outpaint `image`: uint8 (N, H, W, 3), N = len(prompts) * images_per_prompt.
+
+        image: RGB uint8 (H, W, 3) array or PIL image; mask: (H, W) array or PIL image, white (>= 128,
+        or True) = regenerate, black = keep (outpainting: white outside the part to keep). Both are
+        centre-cropped and resized to the model's resolution (fit_edit_inputs). The image is encoded
+        into its token maps, and at every scale the tokens touching the kept region are the image's
+        while the model draws the rest for the prompt (STAR.generate's known_idx / keep). The kept
+        region is not pasted back: decoding the mixed token maps leaves no seam (README, Editing).
+        Other arguments as in generate().
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of strings")
+        if self.vae.encoder is None:
+            raise ValueError(f"{self.source} holds no VQ-VAE encoder weights, so it cannot turn an image into "
+                             "tokens: edit with a checkpoint that has the whole VQ-VAE (train.py writes one)")
+        image, regenerate, _ = fit_edit_inputs(image, mask, self.image_size)
+        if not regenerate.any() or regenerate.all():
+            raise ValueError("the mask " + ("regenerates nothing (it is all black): paint white what to regenerate"
+                             if not regenerate.any() else "keeps nothing (it is all white): paint black what to "
+                             "keep, or generate without --image/--mask"))
+        cfg = self.sampling["cfg"] if cfg is None else cfg
+        top_k = self.sampling["top_k"] if top_k is None else top_k
+        top_p = self.sampling["top_p"] if top_p is None else top_p
+        stable = self.head_ready if stable is None else stable
+        self.check_options(cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        x_13HW = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        known = self.vae.img_to_idx(x_13HW)                              # K maps (1, pn*pn)
+        keep = keep_masks(torch.from_numpy(~regenerate)[None], self.star.config.patch_nums)
+        if self._empty is None:
+            self._empty = self.encode([""])
+        text = [t.repeat_interleave(images_per_prompt, dim=0) for t in self.encode(list(prompts))]
+        N = text[0].shape[0]
+        batch_size = batch_size or N
+        generator = torch.Generator().manual_seed(seed)
+        images = []
+        for b, start in enumerate(range(0, N, batch_size)):
+            rows = [t[start:start + batch_size] for t in text]
+            with scale_progress(self.star, f"batch {b + 1}/{math.ceil(N / batch_size)}", progress):
+                images.append(to_uint8(self.star.generate(
+                    *rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p, generator=generator,
+                    stable=stable, known_idx=known, keep=keep)))
+        return np.concatenate(images)
+
+
+def fit_edit_inputs(image, mask, side):
+    """An image and its mask at the model's resolution: (uint8 (side, side, 3), regenerate bool (side, side),
+    a note saying what was cropped or resized, or None).
+
+    The mask is first resized to the image (it must have the image's aspect ratio); then both are
+    centre-cropped to a square and resized to side x side (image: Lanczos; mask: area average, then
+    white where at least half of it was white, i.e. >= 128).
+    """
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if not isinstance(mask, Image.Image):
+        m = np.asarray(mask)
+        mask = Image.fromarray(m.astype(np.uint8) * 255 if m.dtype == bool else m.astype(np.uint8))
+    image, mask = image.convert("RGB"), mask.convert("L")
+    (W, H), (w, h) = image.size, mask.size
+    if abs(w / h - W / H) > 0.01 * W / H:
+        raise ValueError(f"the mask is {w}x{h} and the image {W}x{H}: a mask of another shape cannot be "
+                         "resized to the image sensibly; draw the mask on the image's canvas")
+    if (w, h) != (W, H):
+        mask = mask.resize((W, H), Image.BOX)
+    S = min(W, H)
+    box = ((W - S) // 2, (H - S) // 2, (W - S) // 2 + S, (H - S) // 2 + S)
+    note = None
+    if (W, H) != (side, side):
+        cropped = f"centre-cropped to {S}x{S} and " if W != H else ""
+        note = f"note: image {W}x{H} {cropped}resized to {side}x{side}, the model's resolution"
+        image = image.crop(box).resize((side, side), Image.LANCZOS)
+        mask = mask.crop(box).resize((side, side), Image.BOX)
+    return np.array(image), np.array(mask) >= 128, note
+
 
 def to_uint8(img_B3HW):
     """[0, 1] images (B, 3, H, W) -> uint8 (B, H, W, 3), rounded to the nearest grey level."""
@@ -263,6 +342,8 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
                              f"{vae_config.patch_nums[-1]}x{vae_config.patch_nums[-1]} latents "
                              f"({vae_config.image_size}px images): end the list at {vae_config.patch_nums[-1]}")
         vae = VQVAE(replace(vae_config, patch_nums=star_config.patch_nums))
+        if not any(k.startswith("encoder.") for k in ck["vae"]):
+            vae.encoder = None                           # a decoder-only bundle generates but cannot edit
         vae.load_state_dict(ck["vae"])                   # load_state_dict copies: float16 -> float32
         tokenizer = Tokenizer.from_state_dict(ck["tokenizer"])
         text_encoder = TextEncoder(TextConfig(**ck["text_config"]))
@@ -479,6 +560,11 @@ def parse_args(argv=None):
                    help="auto: cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="STAR's precision; auto: bfloat16 on GPUs that support it, else float32")
+    g = p.add_argument_group("editing (inpainting, outpainting)")
+    g.add_argument("--image", metavar="FILE", help="edit this image instead of drawing a new one (centre-cropped "
+                   "and resized to the model's resolution); needs --mask")
+    g.add_argument("--mask", metavar="FILE", help="white (>= 128) = regenerate, black = keep; resized to the image "
+                   "(outpainting: white around the part to keep)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE",
                    help="image file for a single image, or the --grid sheet (default sample.png)")
@@ -527,6 +613,11 @@ def check_args(args):
                         f"missing {' '.join(missing)}")
     if args.out and args.out_dir:
         raise UserError("give --out FILE (one image or a --grid) or --out-dir DIR, not both")
+    if bool(args.image) != bool(args.mask):
+        raise UserError("--image and --mask go together: give the image to edit and a mask of what to "
+                        "regenerate (white) and keep (black)")
+    if args.image and args.save_scales:
+        raise UserError("--save-scales shows how a new image is drawn; it is not available with --image")
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -549,6 +640,25 @@ def check_args(args):
         if Path(args.out).suffix.lower() not in Image.registered_extensions():
             raise UserError(f"--out {args.out}: unknown image type {Path(args.out).suffix!r}; use a .png file name")
     return prompts
+
+
+def read_edit_files(args):
+    """(image, mask) as PIL images for --image / --mask, or (None, None); read before the model loads."""
+    if not args.image:
+        return None, None
+    files = []
+    for flag, path in (("--image", Path(args.image)), ("--mask", Path(args.mask))):
+        if not path.is_file():
+            raise UserError(f"{flag} {path} not found" + (" (it is a folder)" if path.is_dir() else "") +
+                            ": give an image file (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                files.append(img.copy())
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"{flag} {path} cannot be read as an image ({type(e).__name__}): give a PNG or JPEG "
+                            "file") from None
+    return files
 
 
 def pick_device(name):
@@ -637,6 +747,7 @@ def run(argv=None):
     dtype = pick_dtype(args.dtype, device)
     n = len(prompts) * args.num_images
     out, out_dir = output_plan(args, n)
+    image, mask = read_edit_files(args)
     smaller = "--dtype bfloat16, " if dtype == torch.float32 and device.type == "cuda" else ""
     try:
         pipe = build_pipeline(args, device, dtype)
@@ -648,11 +759,20 @@ def run(argv=None):
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if image is not None:
+        note = fit_edit_inputs(image, mask, pipe.image_size)[2]
+        if note:
+            print(note)
     t0 = time.perf_counter()
     try:
-        result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                               stable=args.stable, images_per_prompt=args.num_images,
-                               return_scales=args.save_scales, batch_size=batch_size, progress=True)
+        if image is not None:
+            result = pipe.edit(prompts, image, mask, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+                               top_p=args.top_p, stable=args.stable, images_per_prompt=args.num_images,
+                               batch_size=batch_size, progress=True)
+        else:
+            result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                   stable=args.stable, images_per_prompt=args.num_images,
+                                   return_scales=args.save_scales, batch_size=batch_size, progress=True)
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise

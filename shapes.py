@@ -14,6 +14,7 @@ model's prompt-following is a number: `eval` generates images for held-out capti
   python shapes.py show --n 16 --out grid.png               # random scenes; captions on stdout
   python shapes.py check --n 600                            # the judge on clean/degraded/mismatched renders
   python shapes.py eval --ckpt checkpoints/shapes.pt --n 300  # accuracy of a trained model
+  python shapes.py edit-eval --ckpt checkpoints/shapes.pt --n 60 --grid docs/edit.png   # inpainting, outpainting
 """
 import argparse
 import copy
@@ -520,6 +521,75 @@ def print_table(table, file=None):
         print(f"{g:<12}{row['n']:>5}" + cells, file=file)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Editing: inpainting and outpainting (sample.Pipeline.edit), judged like generation.
+#   inpainting:  a held-out two-object caption with a left/right relation; only its left object is
+#                rendered, the left half is kept and the right half regenerated with the whole caption.
+#   outpainting: a held-out one-object scene moved to the centre ("... in the center ..."); the central
+#                32x32 is kept, the border regenerated: the model must continue the background and add
+#                nothing (count, background and position are judged with the rest).
+
+EDIT_MARGIN = 8     # pixels: the kept region "away from the border" starts one finest token (8 px) inside
+
+
+def edit_cases(kind, n, seed=0):
+    """n (caption, input image (64, 64, 3) uint8, keep (64, 64) bool) for 'inpaint' or 'outpaint'."""
+    cases = []
+    for scene in heldout_scenes(40 * n, seed):
+        keep = np.zeros((RESOLUTION, RESOLUTION), dtype=bool)
+        if kind == "inpaint" and scene.where in ("to the left of", "to the right of"):
+            shown = copy.deepcopy(scene)
+            shown.objects = [min(scene.objects, key=lambda o: o.cx)]
+            keep[:, :RESOLUTION // 2] = True
+        elif kind == "outpaint" and len(scene.objects) == 1:
+            scene = shown = copy.deepcopy(scene)
+            scene.where, scene.objects[0].cx, scene.objects[0].cy = "in the center", 32, 32
+            keep[16:48, 16:48] = True
+        else:
+            continue
+        cases.append((caption(scene), render(shown), keep))
+        if len(cases) == n:
+            return cases
+    raise AssertionError("not enough held-out scenes")
+
+
+def _near(region, margin):
+    """Pixels within `margin` pixels (Chebyshev) of a (64, 64) bool region."""
+    out = region.copy()
+    for _ in range(margin):
+        out = _grow(out)
+    return out
+
+
+def evaluate_edits(ckpt, n=60, seed=0, grid=None):
+    """Judge pass rate, kept-region error and time of n inpainting and n outpainting edits; prints them."""
+    import time
+    from sample import load_pipeline, to_uint8
+    pipe = load_pipeline(ckpt)
+    shown = []
+    for kind in ("inpaint", "outpaint"):
+        ok, away, near, recon, seconds = [], [], [], [], 0.0
+        for i, (text, image, keep) in enumerate(edit_cases(kind, n, seed)):
+            t0 = time.perf_counter()
+            out = pipe.edit(text, image, ~keep, seed=seed + i)[0]
+            seconds += time.perf_counter() - t0
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+            rec = to_uint8(pipe.vae.idx_to_img(pipe.vae.img_to_idx(x)).add(1).mul(0.5))[0]
+            inner = keep & ~_near(~keep, EDIT_MARGIN)             # kept, at least 8 px from the border
+            diff = lambda a: np.abs(a.astype(np.float64) - image)  # (64, 64, 3) grey levels
+            ok.append(judge(text, out)["ok"])
+            away.append(diff(out)[inner].mean())
+            near.append(diff(out)[keep & ~inner].mean())
+            recon.append(diff(rec)[inner].mean())
+            if i < 4:
+                shown += [image, np.repeat((~keep * 255).astype(np.uint8)[..., None], 3, axis=2), out]
+        print(f"{kind:<9} n={n}: judge ok {100 * np.mean(ok):.1f}%; kept region |edit - input| "
+              f"{np.mean(away):.2f} grey levels >= {EDIT_MARGIN} px from the border, {np.mean(near):.2f} nearer; "
+              f"VQ-VAE reconstruction alone {np.mean(recon):.2f}; {1000 * seconds / n:.0f} ms per edit")
+    if grid:
+        save_grid(shown, grid, scale=2, cols=6)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The shapes world: look at scenes, check the judge, evaluate a model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -542,6 +612,11 @@ def main(argv=None):
     e.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
                    help="use the stable-sampling head (default: sample.py's)")
     e.add_argument("--grid", default=None, help="also write the first 64 generated images to this PNG")
+    d = sub.add_parser("edit-eval", help="inpainting and outpainting with a checkpoint, judged (see evaluate_edits)")
+    d.add_argument("--ckpt", required=True, help="checkpoint readable by sample.load_pipeline")
+    d.add_argument("--n", type=int, default=60, help="edits of each kind")
+    d.add_argument("--seed", type=int, default=0, help="seed of the held-out scenes and of sampling")
+    d.add_argument("--grid", default=None, help="also write input, mask, result of 4 edits of each kind to this PNG")
     args = p.parse_args(argv)
     for name in ("n", "batch_size", "scale"):
         if getattr(args, name, 1) < 1:
@@ -556,6 +631,8 @@ def main(argv=None):
     elif args.command == "check":
         for name, acc in check_judge(args.n, args.seed).items():
             print(f"{name:<46}{100 * acc:6.1f}% ok")
+    elif args.command == "edit-eval":
+        evaluate_edits(args.ckpt, args.n, args.seed, args.grid)
     else:
         table = evaluate(args.ckpt, args.n, args.seed, args.batch_size, args.cfg, args.top_k, args.top_p,
                          args.stable, args.grid)

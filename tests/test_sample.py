@@ -347,3 +347,85 @@ def test_stable_sampling_needs_a_trained_head(tmp_path, capsys):
     star_stage = build_tiny_checkpoint(tmp_path / "star.pt", stage="star")
     assert_error(capsys, ["--ckpt", star_stage, "--prompt", "x", "--stable"], "not trained yet", "stable sampling off")
     assert_error(capsys, [*fixture_args(), "--prompt", "x", "--stable"], "has none", "--no-stable")
+
+# ---------------------------------------------------------------- editing: --image / --mask, Pipeline.edit
+
+
+def edit_files(tmp_path, size=(64, 64), mask_size=None, regenerate="right"):
+    """A shapes-like image with a left object and a mask (white = regenerate); returns their paths."""
+    W, H = size
+    img = np.full((H, W, 3), 255, np.uint8)
+    img[H // 3: 2 * H // 3, W // 8: W // 3] = (220, 40, 40)
+    mw, mh = mask_size or size
+    mask = np.zeros((mh, mw), np.uint8)
+    if regenerate == "right":
+        mask[:, mw // 2:] = 255
+    elif regenerate == "all":
+        mask[:] = 255
+    Image.fromarray(img).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return tmp_path / "in.png", tmp_path / "mask.png"
+
+
+def test_pipeline_edit_is_seeded_and_keeps_the_kept_tokens(ckpt, tmp_path, monkeypatch):
+    pipe = sample.load_pipeline(ckpt)
+    image, mask = (np.array(Image.open(p)) for p in edit_files(tmp_path))
+    prompts = ["a red circle on the left", "a small yellow triangle"]
+    a = pipe.edit(prompts, image, mask, seed=3, images_per_prompt=2)
+    assert a.shape == (4, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, pipe.edit(prompts, image, mask, seed=3, images_per_prompt=2))
+    assert not np.array_equal(a, pipe.edit(prompts, image, mask, seed=4, images_per_prompt=2))
+    seen = {}                                                          # what reaches STAR.generate
+    generate = STAR.generate
+    monkeypatch.setattr(STAR, "generate", lambda self, *a, **kw: seen.update(kw) or generate(self, *a, **kw))
+    pipe.edit("x", image, mask > 0, seed=0)                           # a bool mask: True = regenerate
+    known = pipe.vae.img_to_idx(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    assert all(torch.equal(k, s) for k, s in zip(known, seen["known_idx"]))
+    assert seen["keep"][0].all() and seen["keep"][-1].float().mean() == 0.5  # keep the left half, 1x1 included
+
+
+def test_fit_edit_inputs_crops_resizes_and_says_so():
+    img = np.zeros((80, 100, 3), np.uint8)
+    img[:, 10:90] = 200                                               # the centre square of 100x80
+    mask = np.zeros((40, 50), bool)
+    mask[:, 25:] = True                                               # half size, same shape: resized
+    image, regenerate, note = sample.fit_edit_inputs(img, mask, 64)
+    assert image.shape == (64, 64, 3) and regenerate.shape == (64, 64) and (image == 200).all()
+    assert note == "note: image 100x80 centre-cropped to 80x80 and resized to 64x64, the model's resolution"
+    assert regenerate[:, 36:].all() and not regenerate[:, :28].any()
+    assert sample.fit_edit_inputs(img[:64, :64], mask[:32, :32] * 255, 64)[2] is None   # nothing to do
+    with pytest.raises(ValueError, match="mask is 40x50 and the image 100x80"):
+        sample.fit_edit_inputs(img, np.zeros((50, 40), np.uint8), 64)
+
+
+def test_edit_command_line(ckpt, tmp_path, capsys):
+    image, mask = edit_files(tmp_path, size=(96, 96))
+    code, out, err = cli(["--ckpt", ckpt, "--prompt", "a red circle on the left", "--image", image, "--mask", mask,
+                          "--out", tmp_path / "o.png"], capsys)
+    assert code == 0, err
+    assert "note: image 96x96 resized to 64x64" in out and png(tmp_path / "o.png").shape == (64, 64, 3)
+
+
+def test_edit_errors(ckpt, tmp_path, capsys):
+    base = ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"]
+    image, mask = edit_files(tmp_path)
+    assert_error(capsys, [*base, "--image", image], "--image and --mask go together")
+    assert_error(capsys, [*base, "--image", tmp_path / "absent.png", "--mask", mask], "--image", "not found")
+    (tmp_path / "text.png").write_text("not an image")
+    assert_error(capsys, [*base, "--image", image, "--mask", tmp_path / "text.png"], "--mask", "cannot be read")
+    assert_error(capsys, [*base, "--image", image, "--mask", image, "--save-scales"], "not available with --image")
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(black)
+    assert_error(capsys, [*base, "--image", image, "--mask", black], "regenerates nothing")
+    _, white = edit_files(tmp_path, regenerate="all")
+    assert_error(capsys, [*base, "--image", image, "--mask", white], "keeps nothing")
+    _, tall = edit_files(tmp_path, mask_size=(32, 64))
+    assert_error(capsys, [*base, "--image", image, "--mask", tall], "cannot be resized")
+    _, mask = edit_files(tmp_path)
+    ck = torch.load(ckpt, weights_only=True)                          # a bundle without the VQ-VAE's encoder
+    ck["vae"] = {k: v for k, v in ck["vae"].items() if not k.startswith("encoder.")}
+    torch.save(ck, tmp_path / "decoder_only.pt")
+    assert_error(capsys, ["--ckpt", tmp_path / "decoder_only.pt", *base[2:], "--image", image, "--mask", mask],
+                 "no VQ-VAE encoder weights")
+    code, _, err = cli(["--ckpt", tmp_path / "decoder_only.pt", *base[2:]], capsys)   # it still generates
+    assert code == 0, err
