@@ -34,7 +34,10 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line: `--flag VALUE: expected ... (see --help)`, not usage + message."""
 
     def error(self, message):
-        message = re.sub(r"^argument ([^:]+): ", r"\1 ", message)   # "argument --cfg: inf: ..." -> "--cfg inf: ..."
+        flag = re.match(r"argument ([^:]+): (.*)", message)
+        if flag:   # the types below start with the value: "--cfg inf: expected ..."; argparse's own: "--x: invalid ..."
+            own = flag[2].startswith(("invalid ", "expected ", "ignored ", "not allowed "))
+            message = f"{flag[1]}{': ' if own else ' '}{flag[2]}"
         raise UserError(f"{message} (see --help)")
 
 # -----------------------------------------------------------------------------
