@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import cli
-from sample import MAX_CFG, RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights
+from sample import RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights
 from star import PRESETS, STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
 
@@ -389,9 +389,9 @@ def parse_args(argv=None):
     stable.add_argument('--stable', action='store_true', help="only generation with the sampler head")
     stable.add_argument('--no-stable', action='store_true', help="only generation without the sampler head "
                         "(default: both where the model has a head)")
-    p.add_argument('--cfg', type=cli.bounded_float(0, MAX_CFG), default=None, help="guidance scale (default: the model's sampling settings)")
-    p.add_argument('--top-k', type=cli.non_negative_int, default=None, help="top-k filter (default: the model's sampling settings)")
-    p.add_argument('--top-p', type=cli.bounded_float(0, 1), default=None, help="top-p filter (default: the model's sampling settings)")
+    p.add_argument('--cfg', type=cli.cfg_scale, default=None, help="guidance scale (default: the model's sampling settings)")
+    p.add_argument('--top-k', type=cli.top_k, default=None, help="top-k filter (default: the model's sampling settings)")
+    p.add_argument('--top-p', type=cli.top_p, default=None, help="top-p filter (default: the model's sampling settings)")
     p.add_argument('--train', action='store_true', help="time training steps instead of generation")
     p.add_argument('--warmup', type=cli.non_negative_int, default=2, help="untimed calls first (and torch.compile's compilation)")
     p.add_argument('--iters', type=cli.positive_int, default=5, help="timed calls; the median is reported")

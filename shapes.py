@@ -502,7 +502,7 @@ def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=Non
     # returning (B, 64, 64, 3) uint8; options left as None here keep generate's own defaults.
     from sample import load_pipeline
     pipe = load_pipeline(ckpt)
-    cli.set_threads(threads, sum(p.numel() for m in (pipe.star, pipe.vae, pipe.text_encoder) for p in m.parameters()))
+    cli.set_threads(threads, pipe.num_parameters)
     options = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p, stable=stable).items() if v is not None}
     captions = heldout_captions(n, seed)
     results, shown = [], []
@@ -528,18 +528,17 @@ def print_table(table, file=None):
 def check_image_path(path, flag):
     """An image file name to write: a known extension in an existing folder, checked before any work."""
     path = Path(path)
+    if path.is_dir():
+        raise cli.UserError(f"{flag} {path} is a folder; expected an image file name such as grid.png")
     if path.suffix.lower() not in Image.registered_extensions():
         raise cli.UserError(f"{flag} {path}: unknown image type {path.suffix!r}; use a .png file name")
     if not path.resolve().parent.is_dir():
         raise cli.UserError(f"{flag} {path}: the folder {path.resolve().parent} does not exist; create it or "
                             "choose another file name")
-    if path.is_dir():
-        raise cli.UserError(f"{flag} {path} is a folder; expected an image file name such as grid.png")
 
 
 def main(argv=None):
     """The command line (raises on a user's mistake; run as a script, cli.run_command makes that one line)."""
-    from sample import MAX_CFG
     p = cli.Parser(description="The shapes world: look at scenes, check the judge, evaluate a model.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{show,check,eval}")
     s = sub.add_parser("show", help="write a grid of random scenes and print their captions")
@@ -558,10 +557,10 @@ def main(argv=None):
     e.add_argument("--seed", type=cli.int_range(0, 2**63 - 1), default=0,
                    help="seed of the held-out captions and of sampling")
     e.add_argument("--batch-size", type=cli.positive_int, default=50, help="prompts generated per call")
-    e.add_argument("--cfg", type=cli.bounded_float(0, MAX_CFG), default=None,
+    e.add_argument("--cfg", type=cli.cfg_scale, default=None,
                    help="classifier-free guidance scale (default: sample.py's)")
-    e.add_argument("--top-k", type=cli.non_negative_int, default=None, help="top-k sampling (default: sample.py's)")
-    e.add_argument("--top-p", type=cli.bounded_float(0, 1), default=None, help="top-p sampling (default: sample.py's)")
+    e.add_argument("--top-k", type=cli.top_k, default=None, help="top-k sampling (default: sample.py's)")
+    e.add_argument("--top-p", type=cli.top_p, default=None, help="top-p sampling (default: sample.py's)")
     e.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
                    help="use the stable-sampling head (default: sample.py's)")
     e.add_argument("--grid", default=None, help="also write the first 64 generated images to this PNG")
