@@ -62,8 +62,8 @@ def run_script(script, *argv, cwd=None, timeout=120):
     """`python SCRIPT ARGV...` in a new interpreter, one CPU thread: (exit code, stdout, stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd or ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    return r.returncode, r.stdout, r.stderr
+                       capture_output=True, timeout=timeout)   # bytes: text mode would turn a bar's \r into \n
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
 
 
 def run_in_process(main, argv, capsys):
