@@ -10,6 +10,7 @@ encoder and tokenizer). Images come back as uint8 arrays (N, H, W, 3); a seed fi
 
   python sample.py --prompt "a red circle above a blue square"            # bundled model -> sample.png
   python sample.py --prompts-file prompts.txt --num-images 4 --out-dir out --grid --save-scales
+      # written batch by batch; after Ctrl-C or a crash the same command skips the images already in out/
   python sample.py --preset star-1024-sampler --star star-1024-sampler.pth --vae vae_ch160v4096z32.pth \\
       --text-encoder sd21/text_encoder --tokenizer sd21/tokenizer --prompt "a corgi on the moon"
 Tests: python -m pytest -q tests/test_sample.py
@@ -186,7 +187,8 @@ class Pipeline:
         if not 0 <= cfg <= MAX_CFG:                          # also refuses nan
             raise ValueError(f"cfg={cfg}: the guidance scale must be in [0, {MAX_CFG:g}] (0: no guidance; "
                              "2-5 is usual)")
-        if not (isinstance(top_k, numbers.Integral) or isinstance(top_k, float) and top_k.is_integer()) or top_k < 0:
+        whole = isinstance(top_k, numbers.Integral) or isinstance(top_k, float) and top_k.is_integer()  # not inf
+        if not whole or top_k < 0:
             raise ValueError(f"top_k={top_k}: expected a whole number >= 0 (0 keeps every token, 1 is greedy)")
         if not 0 <= top_p <= 1:
             raise ValueError(f"top_p={top_p}: expected a probability mass in [0, 1] (0 or 1 switch it off)")
@@ -517,7 +519,8 @@ def parse_args(argv=None):
     g.add_argument("--cfg", type=cli.cfg_scale, metavar="S",
                    help=f"classifier-free guidance scale in [0, {MAX_CFG:g}] (default: the model's, "
                    f"bundled {SHAPES_SAMPLING['cfg']}, released {RELEASED_SAMPLING['cfg']})")
-    g.add_argument("--top-k", type=cli.top_k, metavar="K", help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
+    g.add_argument("--top-k", type=cli.top_k, metavar="K",
+                   help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
                    f"(default: bundled {SHAPES_SAMPLING['top_k']}, released {RELEASED_SAMPLING['top_k']})")
     g.add_argument("--top-p", type=cli.top_p, metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
                    f"(default: bundled {SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
@@ -535,7 +538,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE",
                    help="image file for a single image, or the --grid sheet (default sample.png)")
-    g.add_argument("--out-dir", metavar="DIR", help="folder for 000.png, 001.png, ... in prompt order and prompts.txt, written batch by "
+    g.add_argument("--out-dir", metavar="DIR",
+                   help="folder for 000.png, 001.png, ... in prompt order and prompts.txt, written batch by "
                    "batch; running the same command again skips the images already there (default samples/ when "
                    "there are several images)")
     g.add_argument("--grid", action="store_true", help="also write a contact sheet (grid.png, or --out)")
@@ -555,7 +559,8 @@ def parse_args(argv=None):
                    help="token-map sides, coarse to fine, e.g. 1,2,3,4,5,6,8 (overrides the preset / checkpoint)")
     g.add_argument("--rope-norm", type=cli.bounded_float(0, 1e6, lo_open=True), metavar="X",
                    help="RoPE positions span [0, rope_norm] at every scale (released: 64)")
-    g.add_argument("--rope-theta", type=cli.bounded_float(0, 1e12, lo_open=True), metavar="X", help="RoPE base frequency (released: 10000)")
+    g.add_argument("--rope-theta", type=cli.bounded_float(0, 1e12, lo_open=True), metavar="X",
+                   help="RoPE base frequency (released: 10000)")
     return p.parse_args(argv)
 
 
