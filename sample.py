@@ -690,7 +690,8 @@ def sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype):
     n = len(prompts) * args.num_images
     image = lambda i: out_dir / f"{i:03d}.png"                           # noqa: E731
     strip = lambda i: out_dir / f"{i:03d}_scales.png"                    # noqa: E731
-    settings, manifest = run_settings(args, prompts, device, dtype), out_dir / "settings.json"
+    settings = json.loads(json.dumps(run_settings(args, prompts, device, dtype)))   # as read back: lists, not tuples
+    manifest = out_dir / "settings.json"
     try:
         previous = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
     except (OSError, ValueError):

@@ -494,3 +494,12 @@ def test_interrupted_run_continues_to_the_same_images(ckpt, tmp_path, capsys):
     assert code == 0, err
     assert f"skipped {written} of 30 images already in {run}" in out
     assert folder_bytes(run) == folder_bytes(tmp_path / "ref")
+
+
+def test_every_flag_value_survives_the_settings_file(ckpt, tmp_path, capsys):
+    """settings.json is read back as JSON (lists, not tuples): a run with --patch-nums still continues."""
+    argv = ["--ckpt", ckpt, "--prompt", "x", "--patch-nums", "1,2,3,4,5,8", "--rope-theta", "100", "--out-dir",
+            tmp_path]
+    assert cli(argv, capsys)[0] == 0
+    code, out, err = cli(argv, capsys)
+    assert code == 0 and "skipped 1 of 1" in out, err
