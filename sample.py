@@ -666,6 +666,11 @@ def atomic_save(path, write):
     os.replace(tmp, path)
 
 
+def write_lines(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
 def save_png(path, img):
     atomic_save(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
 
@@ -696,27 +701,30 @@ def sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype):
         previous = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
     except (OSError, ValueError):
         previous = None
+    complete = lambda i: image(i).is_file() and (not args.save_scales or strip(i).is_file())   # noqa: E731
     if previous == settings:
-        done = {i for i in range(n) if image(i).is_file() and (not args.save_scales or strip(i).is_file())}
+        skipped = sum(complete(i) for i in range(n))     # counted, not listed: memory stays flat in n
     else:                    # another run's images: remove ours-to-be first, so none of them counts as done
-        done, stale = set(), [p for i in range(n) for p in (image(i), strip(i)) if p.is_file()]
-        for p in stale:
-            p.unlink()
+        skipped = stale = 0
+        for p in (f(i) for i in range(n) for f in (image, strip)):
+            if p.is_file():
+                p.unlink()
+                stale += 1
         if stale:
-            print(f"{out_dir} held {len(stale)} image file(s) of other settings: replaced")
+            print(f"{out_dir} held {stale} image file(s) of other settings: replaced")
     atomic_save(manifest, lambda tmp: tmp.write_text(json.dumps(settings, indent=1), encoding="utf-8"))
-    atomic_save(out_dir / "prompts.txt", lambda tmp: tmp.write_text(
-        "".join(" ".join(p.split()) + "\n" for p in prompts for _ in range(args.num_images)), encoding="utf-8"))
-    if done:
-        print(f"skipped {len(done)} of {n} images already in {out_dir} (same prompts, seed and settings)")
-    bar = tqdm(total=n, initial=len(done), unit="image", desc="images", smoothing=0.1)
+    atomic_save(out_dir / "prompts.txt", lambda tmp: write_lines(
+        tmp, (" ".join(p.split()) + "\n" for p in prompts for _ in range(args.num_images))))
+    if skipped:
+        print(f"skipped {skipped} of {n} images already in {out_dir} (same prompts, seed and settings)")
+    bar = tqdm(total=n, initial=skipped, unit="image", desc="images", smoothing=0.1)
     try:
         for start, images, scales in pipe.generate_batches(
                 prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, stable=args.stable,
                 images_per_prompt=args.num_images, return_scales=args.save_scales, batch_size=batch_size,
-                skip=lambda start, B: all(i in done for i in range(start, start + B))):
+                skip=lambda start, B: all(complete(i) for i in range(start, start + B))):
             for i, img in enumerate(images, start):
-                if i not in done:
+                if not complete(i):
                     if scales is not None:
                         save_png(strip(i), scale_strip(scales[i - start]))
                     save_png(image(i), img)                              # last: the image marks it done
@@ -726,11 +734,11 @@ def sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype):
         raise
     finally:
         bar.close()
-    if args.grid:                                                        # read back: only the sheet is in memory
+    if args.grid:                                                        # read back from disk once all are there
         cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(n))   # a row per prompt
         save_png(out_dir / "grid.png", contact_sheet(np.stack([np.asarray(Image.open(image(i))) for i in range(n)]),
                                                      cols))
-    return n - len(done), len(done)
+    return n - skipped, skipped
 
 
 def peak_memory(device):
