@@ -702,7 +702,9 @@ def sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype):
     except (OSError, ValueError):
         previous = None
     complete = lambda i: image(i).is_file() and (not args.save_scales or strip(i).is_file())   # noqa: E731
-    if previous == settings:
+    if not any(out_dir.glob("[0-9][0-9][0-9]*.png")):    # a new folder: nothing to look for, image by image
+        skipped = 0
+    elif previous == settings:
         skipped = sum(complete(i) for i in range(n))     # counted, not listed: memory stays flat in n
     else:                    # another run's images: remove ours-to-be first, so none of them counts as done
         skipped = stale = 0
