@@ -38,16 +38,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import cli
+from cli import Parser, UserError, positive_int
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from sample import SHAPES_SAMPLING
 from star import STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig, reconstruction_loss
 
 STAGES = ("vae", "star", "head")
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file): printed as one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -549,17 +547,6 @@ def export(src, dst):
     return Path(dst).stat().st_size
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other mistake this script reports
-        raise UserError(f"{message} (see --help)")
-
-
-def positive_int(text):
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
 def int_list(text):
     try:
         return [int(v) for v in text.split(",")]
@@ -643,6 +630,9 @@ def main(argv=None):
         size = export(*args.export)
         print(f"wrote {args.export[1]} ({size / 2**20:.1f} MiB)")
         return
+    # CPU threads: 1 for small models (the default run), whose ops are too short to share among threads and
+    # wait for a core at every op when another process is busy; the free cores for large ones
+    cli.set_threads(None, 12 * args.depth * args.width ** 2)      # the trunk's parameters, roughly
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -676,12 +666,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # user mistakes, and the ValueError/OSError that the model files raise for bad inputs, become one line
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    try:
-        main()
-    except (UserError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; continue from the last checkpoint with --resume", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli.run_command(main, interrupted="interrupted; continue from the last checkpoint with --resume"))
