@@ -357,13 +357,23 @@ def all_finite(path):
                for t in ck[part].values() if t.is_floating_point())
 
 
-def test_huge_learning_rate_stops_with_one_line_and_keeps_checkpoints_finite(data, tmp_path):
+def test_a_diverging_loss_stops_with_one_line_and_keeps_checkpoints_finite(data, tmp_path, monkeypatch, capsys):
+    """Through the command's boundary: the loss overflows from step 4 on (as with a learning rate far too
+    high; --vae-lr itself is capped at 1, see the bad-flag catalogue)."""
+    import tokenizer
+    calls = []
+
+    def diverging(recon, img):
+        calls.append(1)
+        return train_loss(recon, img) * (float("inf") if len(calls) >= 4 else 1.0)
+    train_loss = tokenizer.reconstruction_loss
+    monkeypatch.setattr(tokenizer, "reconstruction_loss", diverging)   # train.py imports it from there
     out = tmp_path / "run"
-    code, err = cli(["--out", out, "--data", data, "--stage", "vae", "--vae-lr", "1e30", "--ckpt-every", "1",
-                     *TINY])
+    code, err = cli_in_process(["--out", out, "--data", data, "--stage", "vae", "--ckpt-every", "1", *TINY],
+                               monkeypatch, capsys)
     assert_one_line_error(code, err, "stopped before updating the weights")
-    assert re.search(r"vae step \d+: the (loss|gradient norm) is (nan|inf|-inf);", err) and "--resume" in err
-    assert all_finite(out / "vae.pt")
+    assert re.search(r"vae step 4: the (loss|gradient norm) is (nan|inf|-inf);", err) and "--resume" in err
+    assert torch.load(out / "vae.pt", weights_only=True)["step"] == 3 and all_finite(out / "vae.pt")
 
 
 def test_nan_in_the_data_stops_before_the_update(data, tmp_path, monkeypatch):
