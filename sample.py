@@ -15,7 +15,10 @@ encoder and tokenizer). Images come back as uint8 arrays (N, H, W, 3); a seed fi
 Tests: python -m pytest -q tests/test_sample.py
 """
 import argparse
+import json
 import math
+import numbers
+import os
 import pickle
 import resource
 import sys
@@ -30,6 +33,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cli
+from cli import UserError
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from star import PRESETS, STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
@@ -45,6 +50,7 @@ TRAIN_COMMAND = ("python train.py --out runs/shapes && "
 # 400 validation captions (shapes.heldout_captions seed 9, not the evaluation seeds)
 SHAPES_SAMPLING = dict(cfg=1.5, top_k=5, top_p=0.0)
 RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # the reference's demo for the released models
+MAX_CFG = 100.0     # guidance scales used in practice are 1-10; far above, the logits overflow to inf
 PIPELINE_PARTS = ("vae_config", "vae", "tokenizer", "text_config", "text_encoder", "star_config", "star")
 
 # -----------------------------------------------------------------------------
@@ -173,9 +179,9 @@ class Pipeline:
 
     def check_options(self, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
         """Raise one clear ValueError for a sampling option out of range."""
-        if not cfg >= 0:
-            raise ValueError(f"cfg={cfg}: the guidance scale must be >= 0 (0: no guidance; 2-5 is usual)")
-        if top_k < 0 or int(top_k) != top_k:
+        if not 0 <= cfg <= MAX_CFG:                          # also refuses nan
+            raise ValueError(f"cfg={cfg}: the guidance scale must be in [0, {MAX_CFG}] (0: no guidance; 2-5 is usual)")
+        if not (isinstance(top_k, numbers.Integral) or isinstance(top_k, float) and top_k.is_integer()) or top_k < 0:
             raise ValueError(f"top_k={top_k}: expected a whole number >= 0 (0 keeps every token, 1 is greedy)")
         if not 0 <= top_p <= 1:
             raise ValueError(f"top_p={top_p}: expected a probability mass in [0, 1] (0 or 1 switch it off)")
@@ -189,6 +195,17 @@ class Pipeline:
         if stable and not self.head_ready:
             raise ValueError(f"the sampler head of {self.source} is not trained yet (stage 'star'): leave stable "
                              "sampling off, or train the 'head' stage with train.py")
+
+    def _options(self, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
+        """The sampling options with the pipeline's defaults filled in, checked."""
+        if not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+            raise ValueError(f"seed={seed}: expected a whole number in [0, 2**64 - 1] (what torch.Generator takes)")
+        cfg = self.sampling["cfg"] if cfg is None else cfg
+        top_k = self.sampling["top_k"] if top_k is None else top_k
+        top_p = self.sampling["top_p"] if top_p is None else top_p
+        stable = self.head_ready if stable is None else stable
+        self.check_options(cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        return cfg, top_k, top_p, stable
 
     def generate(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
                  return_scales=False, batch_size=None, progress=False):
@@ -205,11 +222,7 @@ class Pipeline:
             prompts = [prompts]
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts: expected a non-empty list of strings")
-        cfg = self.sampling["cfg"] if cfg is None else cfg
-        top_k = self.sampling["top_k"] if top_k is None else top_k
-        top_p = self.sampling["top_p"] if top_p is None else top_p
-        stable = self.head_ready if stable is None else stable
-        self.check_options(cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        cfg, top_k, top_p, stable = self._options(seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
         if self._empty is None:
             self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D)
         text = [t.repeat_interleave(images_per_prompt, dim=0) for t in self.encode(list(prompts))]
@@ -228,6 +241,46 @@ class Pipeline:
                 scales.append(np.stack([to_uint8(s) for s in per_scale], axis=1))  # (B, K, H, W, 3)
         images = np.concatenate(images)
         return (images, np.concatenate(scales)) if return_scales else images
+
+    def generate_batches(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
+                         return_scales=False, batch_size=None, skip=None):
+        """generate() one batch at a time, for runs too long to hold in memory or to finish in one go.
+
+        Yields (start, images (B, H, W, 3), scales (B, K, H, W, 3) or None) for images start .. start+B-1
+        (prompt-major, as generate). Each batch encodes only its own prompts and draws from its own
+        generator, seeded batch_seed(seed, start): a batch depends on nothing before it, so skip(start, B)
+        -> True leaves a batch out (already on disk) and the others come out the same. The first batch is
+        seeded `seed`, so a run of one batch gives what generate() gives.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of strings")
+        cfg, top_k, top_p, stable = self._options(seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        N = len(prompts) * images_per_prompt
+        batch_size = batch_size or N
+        for start in range(0, N, batch_size):
+            B = min(batch_size, N - start)
+            if skip is not None and skip(start, B):
+                continue
+            if self._empty is None:
+                self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D)
+            first, last = start // images_per_prompt, (start + B - 1) // images_per_prompt
+            counts = torch.tensor([min(start + B, (i + 1) * images_per_prompt) - max(start, i * images_per_prompt)
+                                   for i in range(first, last + 1)])   # images of each prompt in this batch
+            rows = [t.repeat_interleave(counts.to(t.device), dim=0) for t in self.encode(prompts[first:last + 1])]
+            generator = torch.Generator().manual_seed(batch_seed(seed, start))
+            out = self.star.generate(*rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p,
+                                     generator=generator, stable=stable, return_scales=return_scales)
+            img_B3HW, per_scale = (out if return_scales else (out, None))
+            yield start, to_uint8(img_B3HW), (np.stack([to_uint8(s) for s in per_scale], axis=1)
+                                              if return_scales else None)
+
+
+def batch_seed(seed, start):
+    """The seed of the batch that starts at image `start`: `seed` for the first, then steps of 2**64 / golden
+    ratio (as SplitMix64 does), so the batches of nearby seeds do not share random streams."""
+    return (seed + start * 0x9E3779B97F4A7C15) % 2**64
 
 
 def to_uint8(img_B3HW):
@@ -435,15 +488,6 @@ def scale_strip(scales_KHW3, max_side=256):
 # command line
 
 
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line starting with 'error:', exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                                # one line instead of usage + message
-        raise UserError(f"{message} (see python sample.py --help)")
-
-
 def _patch_nums(text):
     try:
         sides = tuple(int(v) for v in text.split(","))
@@ -456,34 +500,39 @@ def _patch_nums(text):
 
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeat the flag for several)")
     g.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
-    g.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
+    g.add_argument("--num-images", type=cli.positive_int, default=1, metavar="N", help="images per prompt (default 1)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random draw (default 0)")
-    g.add_argument("--cfg", type=float, metavar="S", help="classifier-free guidance scale >= 0 (default: the model's, "
+    g.add_argument("--seed", type=cli.seed, default=0, metavar="N",
+                   help="seed of every random draw, in [0, 2**64 - 1] (default 0)")
+    g.add_argument("--cfg", type=cli.bounded_float(0, MAX_CFG), metavar="S",
+                   help=f"classifier-free guidance scale in [0, {MAX_CFG:g}] (default: the model's, "
                    f"bundled {SHAPES_SAMPLING['cfg']}, released {RELEASED_SAMPLING['cfg']})")
-    g.add_argument("--top-k", type=int, metavar="K", help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
+    g.add_argument("--top-k", type=cli.non_negative_int, metavar="K", help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
                    f"(default: bundled {SHAPES_SAMPLING['top_k']}, released {RELEASED_SAMPLING['top_k']})")
-    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
+    g.add_argument("--top-p", type=cli.bounded_float(0, 1), metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
                    f"(default: bundled {SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
     g.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
                    help="commit the large scales with the sampler head (default: on when the model has a trained one)")
-    g.add_argument("--batch-size", type=int, metavar="N",
+    g.add_argument("--batch-size", type=cli.positive_int, metavar="N",
                    help="images generated at once (default: as many pixels as 16 images of 256px: 64 at 64px, "
                    "4 at 512px, 1 at 1024px; lower it if memory runs out)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto: cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="STAR's precision; auto: bfloat16 on GPUs that support it, else float32")
+    g.add_argument("--threads", type=cli.threads, metavar="N", help="CPU threads (default: 1 for a small model "
+                   "like the bundled one, else the cores not busy with other processes)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE",
                    help="image file for a single image, or the --grid sheet (default sample.png)")
-    g.add_argument("--out-dir", metavar="DIR", help="folder for 000.png, 001.png, ... in prompt order and prompts.txt "
-                   "(default samples/ when there are several images)")
+    g.add_argument("--out-dir", metavar="DIR", help="folder for 000.png, 001.png, ... in prompt order and prompts.txt, written batch by "
+                   "batch; running the same command again skips the images already there (default samples/ when "
+                   "there are several images)")
     g.add_argument("--grid", action="store_true", help="also write a contact sheet (grid.png, or --out)")
     g.add_argument("--save-scales", action="store_true",
                    help="also write the image after every scale, coarse to fine (NNN_scales.png / OUT_scales.png)")
@@ -499,23 +548,15 @@ def parse_args(argv=None):
                    help="SD-2.1 tokenizer folder or OpenAI's bpe_simple_vocab_16e6.txt.gz")
     g.add_argument("--patch-nums", type=_patch_nums, metavar="1,2,...",
                    help="token-map sides, coarse to fine, e.g. 1,2,3,4,5,6,8 (overrides the preset / checkpoint)")
-    g.add_argument("--rope-norm", type=float, metavar="X",
+    g.add_argument("--rope-norm", type=cli.bounded_float(0, 1e6, lo_open=True), metavar="X",
                    help="RoPE positions span [0, rope_norm] at every scale (released: 64)")
-    g.add_argument("--rope-theta", type=float, metavar="X", help="RoPE base frequency (released: 10000)")
+    g.add_argument("--rope-theta", type=cli.bounded_float(0, 1e12, lo_open=True), metavar="X", help="RoPE base frequency (released: 10000)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    """Flag values and combinations, before anything is loaded. Returns the prompts."""
-    for flag, ok, want in (("--num-images", args.num_images >= 1, ">= 1"),
-                           ("--batch-size", args.batch_size is None or args.batch_size >= 1, ">= 1"),
-                           ("--cfg", args.cfg is None or args.cfg >= 0, ">= 0"),
-                           ("--top-k", args.top_k is None or args.top_k >= 0, ">= 0 (0 keeps every token)"),
-                           ("--top-p", args.top_p is None or 0 <= args.top_p <= 1, "in [0, 1]"),
-                           ("--rope-norm", args.rope_norm is None or args.rope_norm > 0, "> 0"),
-                           ("--rope-theta", args.rope_theta is None or args.rope_theta > 0, "> 0")):
-        if not ok:
-            raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: expected a value {want}")
+    """Flag combinations and the prompts file, before anything is loaded (flag values: their types). Returns
+    the prompts."""
     released = [f for f in ("star", "vae", "text_encoder", "tokenizer") if getattr(args, f)]
     if args.ckpt and (released or args.preset):
         raise UserError("--ckpt is one of our checkpoints; --preset/--star/--vae/--text-encoder/--tokenizer "
@@ -598,23 +639,87 @@ def build_pipeline(args, device, dtype):
     return load_pipeline(ckpt, device=device, dtype=dtype, **overrides)
 
 
-def save_outputs(prompts, images, scales, out, out_dir, grid, cols):
-    """Write the images (and sheets); returns what was written, for the summary line."""
-    if out is not None:
-        Image.fromarray(images[0] if len(images) == 1 else contact_sheet(images, cols)).save(out)
-        if scales is not None:
-            strips = [scale_strip(s) for s in scales]
-            Image.fromarray(np.concatenate(strips) if len(strips) == 1 else contact_sheet(np.stack(strips), 1)
-                            ).save(out.with_name(f"{out.stem}_scales.png"))
-        return str(out)
-    for i, img in enumerate(images):
-        Image.fromarray(img).save(out_dir / f"{i:03d}.png")
-        if scales is not None:
-            Image.fromarray(scale_strip(scales[i])).save(out_dir / f"{i:03d}_scales.png")
-    (out_dir / "prompts.txt").write_text("".join(" ".join(p.split()) + "\n" for p in prompts), encoding="utf-8")
-    if grid:
-        Image.fromarray(contact_sheet(images, cols)).save(out_dir / "grid.png")
-    return f"{out_dir}/000.png..{len(images) - 1:03d}.png"
+def save_outputs(images, scales, out, cols):
+    """Write one image (or the --grid sheet) to --out; returns what was written, for the summary line."""
+    Image.fromarray(images[0] if len(images) == 1 else contact_sheet(images, cols)).save(out)
+    if scales is not None:
+        strips = [scale_strip(s) for s in scales]
+        Image.fromarray(np.concatenate(strips) if len(strips) == 1 else contact_sheet(np.stack(strips), 1)
+                        ).save(out.with_name(f"{out.stem}_scales.png"))
+    return str(out)
+
+
+def atomic_save(path, write):
+    """write(tmp) then rename: `path` is either the complete file or absent, even after Ctrl-C or a crash."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_png(path, img):
+    atomic_save(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
+
+
+def run_settings(args, prompts, device, dtype):
+    """Everything that decides the images of an --out-dir run, to tell a continuation from another run.
+    --batch-size is not in it: a run stopped by a lack of memory continues with a smaller one."""
+    files = [Path(f) for f in (args.ckpt or (None if args.star else DEFAULT_CKPT), args.star, args.vae,
+                               args.text_encoder, args.tokenizer) if f]
+    return dict(prompts=prompts, images_per_prompt=args.num_images, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+                top_p=args.top_p, stable=args.stable, preset=args.preset, patch_nums=args.patch_nums,
+                rope_norm=args.rope_norm, rope_theta=args.rope_theta, device=device.type, dtype=str(dtype),
+                model=[[str(f.resolve()), *((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else ())]
+                       for f in files])
+
+
+def sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype):
+    """Generate into out_dir batch by batch: each image is written (atomically) as soon as its batch is done,
+    so memory stays flat however many images are asked for. Images already there from the same settings
+    (settings.json) are skipped; their batches' seeds do not depend on them, so the set comes out as one
+    uninterrupted run would write it. Returns (images generated, images skipped)."""
+    n = len(prompts) * args.num_images
+    image = lambda i: out_dir / f"{i:03d}.png"                           # noqa: E731
+    strip = lambda i: out_dir / f"{i:03d}_scales.png"                    # noqa: E731
+    settings, manifest = run_settings(args, prompts, device, dtype), out_dir / "settings.json"
+    try:
+        previous = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+    except (OSError, ValueError):
+        previous = None
+    if previous == settings:
+        done = {i for i in range(n) if image(i).is_file() and (not args.save_scales or strip(i).is_file())}
+    else:                    # another run's images: remove ours-to-be first, so none of them counts as done
+        done, stale = set(), [p for i in range(n) for p in (image(i), strip(i)) if p.is_file()]
+        for p in stale:
+            p.unlink()
+        if stale:
+            print(f"{out_dir} held {len(stale)} image file(s) of other settings: replaced")
+    atomic_save(manifest, lambda tmp: tmp.write_text(json.dumps(settings, indent=1), encoding="utf-8"))
+    atomic_save(out_dir / "prompts.txt", lambda tmp: tmp.write_text(
+        "".join(" ".join(p.split()) + "\n" for p in prompts for _ in range(args.num_images)), encoding="utf-8"))
+    if done:
+        print(f"skipped {len(done)} of {n} images already in {out_dir} (same prompts, seed and settings)")
+    bar = tqdm(total=n, initial=len(done), unit="image", desc="images", smoothing=0.1)
+    try:
+        for start, images, scales in pipe.generate_batches(
+                prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, stable=args.stable,
+                images_per_prompt=args.num_images, return_scales=args.save_scales, batch_size=batch_size,
+                skip=lambda start, B: all(i in done for i in range(start, start + B))):
+            for i, img in enumerate(images, start):
+                if i not in done:
+                    if scales is not None:
+                        save_png(strip(i), scale_strip(scales[i - start]))
+                    save_png(image(i), img)                              # last: the image marks it done
+                    bar.update(1)
+    except BaseException:
+        bar.leave = False                                                # an error line should not follow a bar
+        raise
+    finally:
+        bar.close()
+    if args.grid:                                                        # read back: only the sheet is in memory
+        cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(n))   # a row per prompt
+        save_png(out_dir / "grid.png", contact_sheet(np.stack([np.asarray(Image.open(image(i))) for i in range(n)]),
+                                                     cols))
+    return n - len(done), len(done)
 
 
 def peak_memory(device):
@@ -630,6 +735,18 @@ def out_of_memory(e):
         or "out of memory" in str(e)
 
 
+def memory_advice(device, dtype, at_once, out_dir):
+    """What can help after running out of memory, given what was running."""
+    advice = [f"--batch-size {at_once // 2}"] if at_once > 1 else []
+    if dtype == torch.float32 and device.type == "cuda":
+        advice.append("--dtype bfloat16")
+    advice.append("a device with more memory" if device.type != "cpu" else "a machine with more memory")
+    advice.append("or a smaller model")
+    kept = (f" (the images in {out_dir} are kept: the same command with the new flags continues)"
+            if out_dir is not None else "")
+    return "use " + ", ".join(advice) + kept
+
+
 def run(argv=None):
     args = parse_args(argv)
     prompts = check_args(args)
@@ -637,52 +754,50 @@ def run(argv=None):
     dtype = pick_dtype(args.dtype, device)
     n = len(prompts) * args.num_images
     out, out_dir = output_plan(args, n)
-    smaller = "--dtype bfloat16, " if dtype == torch.float32 and device.type == "cuda" else ""
     try:
         pipe = build_pipeline(args, device, dtype)
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): use {smaller}"
-                        "a device with more memory, or a smaller model") from None
+        raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): "
+                        f"{memory_advice(device, dtype, 1, None)}") from None
+    cli.set_threads(args.threads, sum(p.numel() for m in (pipe.star, pipe.vae, pipe.text_encoder)
+                                      for p in m.parameters()))
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     try:
-        result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                               stable=args.stable, images_per_prompt=args.num_images,
-                               return_scales=args.save_scales, batch_size=batch_size, progress=True)
+        if out_dir is not None:
+            generated, skipped = sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype)
+            written = f"{out_dir}/000.png..{n - 1:03d}.png"
+        else:
+            result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                   stable=args.stable, images_per_prompt=args.num_images,
+                                   return_scales=args.save_scales, batch_size=batch_size, progress=True)
+            images, scales = result if args.save_scales else (result, None)
+            cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))  # a row per prompt
+            generated, written = len(images), save_outputs(images, scales, out, cols)
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        raise UserError(f"out of memory on {device} generating {min(batch_size, n)} {pipe.image_size}px "
-                        f"images at once ({type(e).__name__}): use --batch-size 1, {smaller}or a smaller model"
-                        ) from None
-    seconds = time.perf_counter() - t0
-    images, scales = result if args.save_scales else (result, None)
-    cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))  # a row per prompt
-    try:
-        written = save_outputs([p for p in prompts for _ in range(args.num_images)], images, scales, out, out_dir,
-                               args.grid, cols)
+        at_once = min(batch_size, n)
+        raise UserError(f"out of memory on {device} generating {at_once} {pipe.image_size}px images at once "
+                        f"({type(e).__name__}): {memory_advice(device, dtype, at_once, out_dir)}") from None
     except OSError as e:
-        raise UserError(f"could not write the images ({e}); choose another --out / --out-dir") from None
+        raise UserError(f"could not write the images ({cli.one_line(e)}); choose another --out / --out-dir") from None
+    seconds = time.perf_counter() - t0
     print(f"wrote {written}")
-    print(f"{len(images)} image(s) of {pipe.image_size}x{pipe.image_size} in {seconds:.2f}s: "
-          f"{seconds / len(images):.3f} s/image on {device} ({str(dtype).removeprefix('torch.')}), "
-          f"peak memory {peak_memory(device)}")
+    if generated:
+        print(f"{generated} image(s) of {pipe.image_size}x{pipe.image_size} in {seconds:.2f}s: "
+              f"{seconds / generated:.3f} s/image on {device} ({str(dtype).removeprefix('torch.')}, "
+              f"{torch.get_num_threads()} CPU thread(s)), peak memory {peak_memory(device)}")
 
 
 def main(argv=None):
-    """The command line; returns the exit status (0, or 2 after a one-line 'error:' message)."""
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-        try:
-            run(argv)
-        except (UserError, ValueError, FileNotFoundError) as e:
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)
-            return 2
-    return 0
+    """The command line; returns the exit status (0; 2 after a one-line 'error:' message; 130 after Ctrl-C)."""
+    return cli.run_command(run, argv, interrupted="interrupted; the images already written are kept, and the "
+                           "same command skips them")
 
 
 if __name__ == "__main__":

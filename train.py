@@ -39,16 +39,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import cli
+from cli import Parser, UserError, positive_int
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from sample import SHAPES_SAMPLING
 from star import STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig, reconstruction_loss
 
 STAGES = ("vae", "star", "head")
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file): printed as one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -645,50 +643,13 @@ def export(src, dst):
     return Path(dst).stat().st_size
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other mistake this script reports
-        raise UserError(f"{message} (see --help)")
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the module docstring as written and shows every flag's default (if it has one)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
-
-def positive_int(text):
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def int_in(lo, hi=2**31 - 1):
-    """An argparse type: an integer in [lo, hi]."""
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}")
-        return v
-    return parse
-
-
-def float_in(lo, hi, lo_open=False, hi_open=False):
-    """An argparse type: a finite float in the interval from lo to hi (open at either end if asked)."""
-    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            v = math.nan
-        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
-            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {text!r}")
-        return v
-    return parse
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def int_list(text):
@@ -720,23 +681,26 @@ def build_parser():
                         "differs is an error. With no checkpoint in --out yet, a new run starts (and says so)")
     p.add_argument("--export", nargs=2, metavar=("SRC", "DST"),
                    help="write a half-precision bundle of checkpoint SRC to the new file DST and exit")
-    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+    p.add_argument("--seed", type=cli.int_range(0, 2**32 - 1, what="a seed in [0, 2**32 - 1]"), default=0,
                    help="seed of the data order, initial weights and caption dropout")
-    p.add_argument("--resolution", type=int_in(8, 8192), default=64, help="image side in pixels")
+    p.add_argument("--resolution", type=cli.int_range(8, 8192), default=64, help="image side in pixels")
     p.add_argument("--patch-nums", type=int_list, default=[1, 2, 3, 4, 6, 8],
                    help="token-map sides, coarse to fine; the last equals resolution / 8")
     # the token pool stores ids as int16
-    p.add_argument("--vocab-size", type=int_in(2, 32768), default=512, help="VQ codebook size")
-    p.add_argument("--vae-ch", type=int_in(8, 4096), default=32, help="VQ-VAE base width (multiple of 8)")
-    p.add_argument("--vae-res-blocks", type=int_in(1, 64), default=1, help="res-blocks per VQ-VAE encoder level")
-    p.add_argument("--depth", type=int_in(1, 1024), default=4, help="STAR blocks")
-    p.add_argument("--width", type=int_in(64, 65536), default=128, help="STAR width (multiple of 64)")
-    p.add_argument("--head-from", type=int_in(1, 1024), default=4,
+    p.add_argument("--vocab-size", type=cli.int_range(2, 32768), default=512, help="VQ codebook size")
+    p.add_argument("--vae-ch", type=cli.int_range(8, 4096), default=32, help="VQ-VAE base width (multiple of 8)")
+    p.add_argument("--vae-res-blocks", type=cli.int_range(1, 64), default=1,
+                   help="res-blocks per VQ-VAE encoder level")
+    p.add_argument("--depth", type=cli.int_range(1, 1024), default=4, help="STAR blocks")
+    p.add_argument("--width", type=cli.int_range(64, 65536), default=128, help="STAR width (multiple of 64)")
+    p.add_argument("--head-from", type=cli.int_range(1, 1024), default=4,
                    help="first scale (index into --patch-nums) sampled by the stable-sampling head")
-    p.add_argument("--text-vocab", type=int_in(1, 2**20), default=600, help="BPE vocabulary learned from the captions")
-    p.add_argument("--text-width", type=int_in(64, 65536), default=128, help="text encoder width (multiple of 64)")
-    p.add_argument("--text-layers", type=int_in(1, 1024), default=2, help="text encoder blocks")
-    p.add_argument("--text-context", type=int_in(8, 65536), default=32,
+    p.add_argument("--text-vocab", type=cli.int_range(1, 2**20), default=600,
+                   help="BPE vocabulary learned from the captions")
+    p.add_argument("--text-width", type=cli.int_range(64, 65536), default=128,
+                   help="text encoder width (multiple of 64)")
+    p.add_argument("--text-layers", type=cli.int_range(1, 1024), default=2, help="text encoder blocks")
+    p.add_argument("--text-context", type=cli.int_range(8, 65536), default=32,
                    help="text tokens incl. start/end (CLIP: 77); at least 8, room for 6 caption tokens")
     p.add_argument("--pool", type=positive_int, default=24000, help="training samples tokenized once for STAR/head")
     p.add_argument("--text-encoder", default=None, help="released CLIP text encoder folder (frozen)")
@@ -747,23 +711,25 @@ def build_parser():
     p.add_argument("--vae-steps", type=positive_int, default=4000, help="training steps of the vae stage")
     p.add_argument("--star-steps", type=positive_int, default=17000, help="training steps of the star stage")
     p.add_argument("--head-steps", type=positive_int, default=1200, help="training steps of the head stage")
-    p.add_argument("--vae-lr", type=float_in(0, 1, lo_open=True), default=1e-3, help="peak learning rate, vae stage")
-    p.add_argument("--lr", type=float_in(0, 1, lo_open=True), default=1.5e-3, help="peak learning rate, star stage")
-    p.add_argument("--head-lr", type=float_in(0, 1, lo_open=True), default=5e-4, help="peak learning rate, head stage")
-    p.add_argument("--weight-decay", type=float_in(0, 1), default=0.05, help="AdamW weight decay of the matrices")
-    p.add_argument("--warmup", type=int_in(0), default=200,
+    rate = cli.bounded_float(0, 1, lo_open=True)     # AdamW moves every weight by about this much per step
+    p.add_argument("--vae-lr", type=rate, default=1e-3, help="peak learning rate, vae stage")
+    p.add_argument("--lr", type=rate, default=1.5e-3, help="peak learning rate, star stage")
+    p.add_argument("--head-lr", type=rate, default=5e-4, help="peak learning rate, head stage")
+    p.add_argument("--weight-decay", type=cli.bounded_float(0, 1), default=0.05,
+                   help="AdamW weight decay of the matrices")
+    p.add_argument("--warmup", type=cli.non_negative_int, default=200,
                    help="linear warm-up steps of every stage (at most its step count), then cosine decay")
-    p.add_argument("--grad-clip", type=float_in(0, 1e9, lo_open=True), default=2.0,
+    p.add_argument("--grad-clip", type=cli.bounded_float(0, 1e9, lo_open=True), default=2.0,
                    help="clip the gradient's global norm to this")
-    p.add_argument("--cond-drop", type=float_in(0, 1, hi_open=True), default=0.1,
+    p.add_argument("--cond-drop", type=cli.bounded_float(0, 0.99), default=0.1,
                    help="fraction of captions dropped to '' (teaches the unconditional model of guidance)")
-    p.add_argument("--vae-ae-frac", type=float_in(0, 1, hi_open=True), default=0.3,
+    p.add_argument("--vae-ae-frac", type=cli.bounded_float(0, 0.99), default=0.3,
                    help="first fraction of VQ-VAE steps without the quantizer")
     p.add_argument("--reseed-every", type=positive_int, default=25, help="re-seed dead codes every N VQ-VAE steps")
     p.add_argument("--ckpt-every", type=positive_int, default=250, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--sample-every", type=int_in(0), default=1000,
+    p.add_argument("--sample-every", type=cli.non_negative_int, default=1000,
                    help="write a preview grid every N steps (0: never); --data DIR previews its first 8 captions")
-    p.add_argument("--eval-every", type=int_in(0), default=0,
+    p.add_argument("--eval-every", type=cli.non_negative_int, default=0,
                    help="judge --eval-n held-out shapes captions every N steps and log the accuracy (0: never; "
                         "needs --data shapes)")
     p.add_argument("--eval-n", type=positive_int, default=100, help="captions per evaluation")
@@ -870,6 +836,9 @@ def main(argv=None):
         size = export(*args.export)
         print(f"wrote {args.export[1]} ({size / 2**20:.1f} MiB)")
         return
+    # CPU threads: 1 for small models (the default run), whose ops are too short to share among threads and
+    # wait for a core at every op when another process is busy; the free cores for large ones
+    cli.set_threads(None, 12 * args.depth * args.width ** 2)      # the trunk's parameters, roughly
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -913,12 +882,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # user mistakes, and the ValueError/OSError that the model files raise for bad inputs, become one line
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    try:
-        main()
-    except (UserError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; continue from the last checkpoint with --resume", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli.run_command(main, interrupted="interrupted; continue from the last checkpoint with --resume"))

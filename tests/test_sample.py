@@ -143,11 +143,12 @@ def test_prompts_file_writes_images_in_order(ckpt, tmp_path, capsys):
     assert sorted(p.name for p in out_dir.glob("[0-9]*.png")) == ["000.png", "001.png", "002.png"]
     assert (out_dir / "prompts.txt").read_text().splitlines() == prompts
     assert png(out_dir / "grid.png").shape == (2 * 64 + 2, 2 * 64 + 2, 3)
-    # file i is prompt i: the same image as that prompt generated on its own
+    # file i is prompt i; each batch draws from its own seed, the first from --seed itself (as generate())
     pipe = sample.load_pipeline(ckpt)
-    alone = pipe.generate(prompts, seed=0, batch_size=2)
+    streamed = np.concatenate([images for _, images, _ in pipe.generate_batches(prompts, seed=0, batch_size=2)])
+    assert np.array_equal(streamed[:2], pipe.generate(prompts, seed=0, batch_size=2)[:2])
     for i in range(3):
-        assert np.array_equal(png(out_dir / f"{i:03d}.png"), alone[i])
+        assert np.array_equal(png(out_dir / f"{i:03d}.png"), streamed[i])
 
 
 def test_save_scales_writes_the_coarse_to_fine_strip(ckpt, tmp_path, capsys):
@@ -218,13 +219,13 @@ def assert_error(capsys, argv, *fragments):
     return lines[0]
 
 
-@pytest.mark.parametrize("flag, value, fragment", [("--top-p", "1.5", "--top-p 1.5: expected a value in [0, 1]"),
+@pytest.mark.parametrize("flag, value, fragment", [("--top-p", "1.5", "--top-p 1.5: expected a number in [0, 1]"),
                                                    ("--top-p", "-0.1", "in [0, 1]"),
-                                                   ("--top-k", "-1", "--top-k -1: expected a value >= 0"),
-                                                   ("--cfg", "-2", "--cfg -2.0: expected a value >= 0"),
-                                                   ("--num-images", "0", "--num-images 0: expected a value >= 1"),
+                                                   ("--top-k", "-1", "--top-k -1: expected a whole number >= 0"),
+                                                   ("--cfg", "-2", "--cfg -2: expected a number in [0, 100]"),
+                                                   ("--num-images", "0", "--num-images 0: expected a positive integer"),
                                                    ("--batch-size", "0", "--batch-size 0"),
-                                                   ("--top-k", "many", "invalid int value"),
+                                                   ("--top-k", "many", "--top-k many: expected a whole number >= 0"),
                                                    ("--patch-nums", "1,3,2", "must grow strictly")])
 def test_bad_flag_values(ckpt, flag, value, fragment, capsys):
     assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", flag, value], fragment)
@@ -340,7 +341,7 @@ def test_device_and_memory_errors(ckpt, tmp_path, monkeypatch, capsys):
             raise exc
         monkeypatch.setattr(STAR, "generate", oom)
         assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"],
-                     "out of memory on cpu generating 1 64px images at once", "--batch-size 1")
+                     "out of memory on cpu generating 1 64px images at once", "more memory, or a smaller model")
 
 
 def test_stable_sampling_needs_a_trained_head(tmp_path, capsys):
