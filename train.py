@@ -607,7 +607,7 @@ def check_export_destination(src, dst):
     src, dst = Path(src), Path(dst)
     if dst.is_dir():
         raise UserError(f"--export {dst}: is a folder; give a file name such as {dst / 'model.pt'}")
-    if dst.exists() and (dst.resolve() == src.resolve() or os.path.samefile(src, dst)):
+    if dst.exists() and os.path.samefile(src, dst):
         raise UserError(f"--export {src} {dst}: the destination is the source; writing the bundle there would "
                         "destroy the resumable checkpoint; give another file name")
     run_files = [dst.parent / n for n in ("log.txt", "tokens.pt", *(f"{s}.pt" for s in STAGES))]
@@ -667,6 +667,10 @@ RESUME_MAY_CHANGE = ("stage", "vae_steps", "star_steps", "head_steps", "vae_lr",
 NOT_SETTINGS = ("out", "resume", "export")
 PATH_SETTINGS = ("data", "vae", "text_encoder", "tokenizer")
 STEPS_FLAG = {"vae": "vae_steps", "star": "star_steps", "head": "head_steps"}
+# the sizes a later stage takes over from the checkpoint of the stage before it
+VAE_SETTINGS = ("resolution", "patch_nums", "vocab_size", "vae_ch", "vae_res_blocks")
+STAR_SETTINGS = VAE_SETTINGS + ("depth", "width", "head_from", "text_vocab", "text_width", "text_layers",
+                                "text_context", "text_encoder", "tokenizer")
 
 
 def build_parser():
@@ -760,24 +764,47 @@ def show_setting(value):
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def resume_settings(p, args, given):
-    """--resume: the run's saved settings are the defaults; a flag given with another value is an error
-    unless it is one of RESUME_MAY_CHANGE. Returns args as they will be recorded in the checkpoints."""
-    found = [Path(args.out) / f"{s}.pt" for s in reversed(STAGES) if (Path(args.out) / f"{s}.pt").exists()]
-    if not found:
-        return args                                  # nothing to resume: main() says so
-    saved = load_checkpoint(found[0], (found[0].stem,)).get("args", {})
+def adopt_settings(p, args, given, path, dests):
+    """Set `dests` to the values recorded in checkpoint `path`; returns the flags given with other values."""
+    saved = load_checkpoint(path, (path.stem,)).get("args", {})
     flag = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
     clash = []
-    for dest, value in vars(args).items():
-        if dest in NOT_SETTINGS or dest not in saved or (dest in given and dest in RESUME_MAY_CHANGE):
+    for dest in dests:
+        if dest not in saved:                        # a flag newer than the checkpoint
             continue
-        if dest in given and not same_setting(dest, value, saved[dest]):
-            clash.append(f"{flag[dest]} {show_setting(value)} (the run has {show_setting(saved[dest])})")
+        if dest in given and not same_setting(dest, getattr(args, dest), saved[dest]):
+            was = (f"works on {saved[dest]}x{saved[dest]} images" if dest == "resolution" else
+                   f"has {show_setting(saved[dest])}")
+            clash.append(f"{flag[dest]} {show_setting(getattr(args, dest))} (the run {was})")
         setattr(args, dest, saved[dest])
-    if clash:
-        raise UserError(f"--resume: {'; '.join(clash)}: a resumed run keeps the data and architecture it was "
-                        f"started with ({found[0]}); drop the flag, or start a new run in another --out")
+    return clash
+
+
+def run_settings(p, args, given):
+    """The settings in effect, so that the checkpoints record what was used.
+
+    --resume: the run's settings (from its furthest checkpoint) are the defaults; a flag given with
+    another value is an error unless it is one of RESUME_MAY_CHANGE. --stage star or head without
+    --resume starts from the previous stage's checkpoint, whose model sizes are kept the same way.
+    """
+    out = Path(args.out)
+    if args.resume:
+        found = [out / f"{s}.pt" for s in reversed(STAGES) if (out / f"{s}.pt").exists()]
+        if not found:
+            return args                              # nothing to resume: main() says so
+        clash = adopt_settings(p, args, given, found[0], [d for d in vars(args) if d not in NOT_SETTINGS and not
+                                                           (d in given and d in RESUME_MAY_CHANGE)])
+        if clash:
+            raise UserError(f"--resume: {'; '.join(clash)}: a resumed run keeps the data and architecture it was "
+                            f"started with ({found[0]}); drop the flag, or start a new run in another --out")
+    elif args.stage in ("star", "head") and not args.vae:
+        before = out / ("vae.pt" if args.stage == "star" else "star.pt")
+        if before.is_file():
+            clash = adopt_settings(p, args, given, before,
+                                   VAE_SETTINGS if args.stage == "star" else STAR_SETTINGS)
+            if clash:
+                raise UserError(f"--stage {args.stage}: {'; '.join(clash)}: this stage continues from {before} "
+                                "and keeps the sizes it was trained with; drop the flag")
     return args
 
 
@@ -814,8 +841,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.export:
         return args
-    if args.resume:
-        args = resume_settings(p, args, flags_given(argv))
+    args = run_settings(p, args, flags_given(argv))
     check_settings(p, args)
     return args
 

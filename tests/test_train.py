@@ -495,6 +495,8 @@ def bad_input_cases(tmp_path, reference):
         (["--out", tmp_path / "o2", "--stage", "star", *tiny], "no such file, expected a checkpoint file"),
         (["--out", out_with("vae.pt", reference / "vae.pt"), "--stage", "star", *tiny, "--resolution", "32",
           "--patch-nums", "1,4"], "works on 16x16 images"),
+        (["--out", out_with("vae.pt", reference / "vae.pt"), "--stage", "star", *tiny, "--vae-ch", "64"],
+         "--stage star: --vae-ch 64 (the run has 32): this stage continues from"),
         (["--out", tmp_path / "o", *tiny, "--patch-nums", "1,3"], "the last side must be --resolution / 8 = 2"),
         (["--out", tmp_path / "o", "--data", "shapes", "--resolution", "16", "--patch-nums", "1,2"], "drawn at 64x64"),
         (["--out", tmp_path / "o", *tiny, "--width", "96"], "multiple of 64"),
@@ -685,7 +687,7 @@ def test_a_bare_resume_continues_the_run_with_its_own_settings(reference, data, 
     for flags, fragment in [
         (["--vae-ch", "64", "--vocab-size", "64"], "--vocab-size 64 (the run has 16); --vae-ch 64 (the run has 32)"),
         (["--data", "shapes"], f"--data shapes (the run has {data})"),
-        (["--patch-nums", "1,2,4", "--resolution", "32"], "--resolution 32 (the run has 16); --patch-nums 1,2,4"),
+        (["--patch-nums", "1,2,4", "--resolution", "32"], "--resolution 32 (the run works on 16x16 images); --patch-nums 1,2,4 (the run has 1,2)"),
     ]:
         code, err = cli_in_process(["--out", out, "--resume", *flags], monkeypatch, capsys)
         assert_one_line_error(code, err, fragment)
@@ -773,7 +775,11 @@ def test_a_data_folder_previews_its_own_captions(reference, tmp_path, monkeypatc
     shown, generate = [], train.generate
     monkeypatch.setattr(train, "generate", lambda parts, caps, *a, **k: shown.append(caps) or generate(parts, caps,
                                                                                                        *a, **k))
-    train_in_process(["--out", str(out), "--data", str(root), "--stage", "star", *TINY, "--star-steps", "1",
+    # without the VQ-VAE's size flags: the star stage takes them from vae.pt, and records them
+    tiny = [a for i, a in enumerate(TINY) if not {a, TINY[i - 1]} & {"--vocab-size", "--vae-ch"}]
+    train_in_process(["--out", str(out), "--data", str(root), "--stage", "star", *tiny, "--star-steps", "1",
                       "--warmup", "1", "--sample-every", "1"])
     assert shown == [[f"my caption {i}" for i in range(4)]]
     assert (out / "star_000001.png").exists()
+    args = torch.load(out / "star.pt", weights_only=True)["args"]
+    assert (args["vocab_size"], args["vae_ch"]) == (16, 32) and len(tiny) == len(TINY) - 4
