@@ -12,7 +12,8 @@ Data is the synthetic world of shapes.py, rendered on the fly (--data shapes), o
 with captions (--data DIR: `metadata.jsonl` lines {"file_name", "text"}, or `name.txt` beside each image).
 Every stage writes one self-contained checkpoint OUT/<stage>.pt (configs, tokenizer merges, text encoder,
 VQ-VAE, STAR, optimizer, step, RNG states), atomically, every --ckpt-every steps and at the end;
-`--resume` continues exactly where a killed run stopped. sample.py reads these files.
+`--resume` continues exactly where a killed run stopped, with the flags the run recorded. The token pool
+OUT/tokens.pt records what it was made from and is made again when that changes. sample.py reads these files.
 
   python train.py --out runs/shapes                      # all stages, shapes world, CPU or one GPU
   torchrun --nproc_per_node=2 train.py --out runs/shapes # several processes (gloo on CPU, nccl on GPU)
