@@ -34,7 +34,10 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line: `--flag VALUE: expected ... (see --help)`, not usage + message."""
 
     def error(self, message):
-        message = re.sub(r"^argument ([^:]+): ", r"\1 ", message)   # "argument --cfg: inf: ..." -> "--cfg inf: ..."
+        flag = re.match(r"argument ([^:]+): (.*)", message)
+        if flag:   # the types below start with the value: "--cfg inf: expected ..."; argparse's own: "--x: invalid ..."
+            own = flag[2].startswith(("invalid ", "expected ", "ignored ", "not allowed "))
+            message = f"{flag[1]}{': ' if own else ' '}{flag[2]}"
         raise UserError(f"{message} (see --help)")
 
 # -----------------------------------------------------------------------------
@@ -75,10 +78,15 @@ def bounded_float(lo, hi, lo_open=False):
     return parse
 
 
+# the guidance scale: 1-10 is used in practice; far above, the guided logits overflow to inf
+MAX_CFG = 100.0
 positive_int = int_range(1, what="a positive integer")
 non_negative_int = int_range(0, what="a whole number >= 0")
 seed = int_range(0, 2**64 - 1, what="a seed in [0, 2**64 - 1]")          # what torch.Generator accepts
 threads = int_range(1, 4096, what="a number of threads >= 1")
+cfg_scale = bounded_float(0, MAX_CFG)
+top_k = non_negative_int                                                   # 0 keeps every token
+top_p = bounded_float(0, 1)                                                # 0 or 1: off
 
 # -----------------------------------------------------------------------------
 # running a command

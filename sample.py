@@ -50,7 +50,7 @@ TRAIN_COMMAND = ("python train.py --out runs/shapes && "
 # 400 validation captions (shapes.heldout_captions seed 9, not the evaluation seeds)
 SHAPES_SAMPLING = dict(cfg=1.5, top_k=5, top_p=0.0)
 RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # the reference's demo for the released models
-MAX_CFG = 100.0     # guidance scales used in practice are 1-10; far above, the logits overflow to inf
+MAX_CFG = cli.MAX_CFG
 PIPELINE_PARTS = ("vae_config", "vae", "tokenizer", "text_config", "text_encoder", "star_config", "star")
 
 # -----------------------------------------------------------------------------
@@ -159,6 +159,10 @@ class Pipeline:
     def image_size(self):
         return self.vae.config.downsample * self.star.config.patch_nums[-1]
 
+    @property
+    def num_parameters(self):
+        return sum(p.numel() for m in (self.text_encoder, self.vae, self.star) for p in m.parameters())
+
     def to(self, device=None, dtype=None):
         """STAR runs in `dtype`; the text encoder and the VQ-VAE stay float32 (as in the reference)."""
         self.device = torch.device(device or self.device)
@@ -180,7 +184,8 @@ class Pipeline:
     def check_options(self, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
         """Raise one clear ValueError for a sampling option out of range."""
         if not 0 <= cfg <= MAX_CFG:                          # also refuses nan
-            raise ValueError(f"cfg={cfg}: the guidance scale must be in [0, {MAX_CFG}] (0: no guidance; 2-5 is usual)")
+            raise ValueError(f"cfg={cfg}: the guidance scale must be in [0, {MAX_CFG:g}] (0: no guidance; "
+                             "2-5 is usual)")
         if not (isinstance(top_k, numbers.Integral) or isinstance(top_k, float) and top_k.is_integer()) or top_k < 0:
             raise ValueError(f"top_k={top_k}: expected a whole number >= 0 (0 keeps every token, 1 is greedy)")
         if not 0 <= top_p <= 1:
@@ -509,12 +514,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=cli.seed, default=0, metavar="N",
                    help="seed of every random draw, in [0, 2**64 - 1] (default 0)")
-    g.add_argument("--cfg", type=cli.bounded_float(0, MAX_CFG), metavar="S",
+    g.add_argument("--cfg", type=cli.cfg_scale, metavar="S",
                    help=f"classifier-free guidance scale in [0, {MAX_CFG:g}] (default: the model's, "
                    f"bundled {SHAPES_SAMPLING['cfg']}, released {RELEASED_SAMPLING['cfg']})")
-    g.add_argument("--top-k", type=cli.non_negative_int, metavar="K", help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
+    g.add_argument("--top-k", type=cli.top_k, metavar="K", help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
                    f"(default: bundled {SHAPES_SAMPLING['top_k']}, released {RELEASED_SAMPLING['top_k']})")
-    g.add_argument("--top-p", type=cli.bounded_float(0, 1), metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
+    g.add_argument("--top-p", type=cli.top_p, metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
                    f"(default: bundled {SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
     g.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
                    help="commit the large scales with the sampler head (default: on when the model has a trained one)")
@@ -761,8 +766,7 @@ def run(argv=None):
             raise
         raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): "
                         f"{memory_advice(device, dtype, 1, None)}") from None
-    cli.set_threads(args.threads, sum(p.numel() for m in (pipe.star, pipe.vae, pipe.text_encoder)
-                                      for p in m.parameters()))
+    cli.set_threads(args.threads, pipe.num_parameters)
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
