@@ -382,11 +382,20 @@ def lr_at(step, total, base, warmup):
 
 
 def make_optimizer(net, lr, weight_decay):
-    """AdamW; decay on matrices only (not on biases, norms, embeddings' scale terms)."""
+    """AdamW with weight decay on the weight matrices of Linear and Conv layers, and on nothing else.
+
+    Decay pulls a parameter toward 0, which is a prior only for matrices. The rest keeps its value:
+    biases and norm gains; embedding tables (text tokens and positions, scale embeddings, the VQ
+    codebook); the start tokens (pos_start, pos_start_last); and the attention temperatures
+    scale_mul_1H11, which are log-scales: decaying them toward 0 means a softmax temperature of 1 on
+    cosine scores in [-1, 1], i.e. nearly uniform attention (the reference excludes them too).
+    """
     decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name and "pos_start" not in name else no_decay).append(p)
+    for module in net.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                is_matrix = name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d))
+                (decay if is_matrix else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 

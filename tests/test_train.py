@@ -604,6 +604,34 @@ def test_released_vae_replaces_the_vae_stage(tmp_path):
     assert VQVAEConfig(**ck["vae_config"]).downsample == 16
 
 
+def test_weight_decay_reaches_linear_and_conv_matrices_only():
+    args = train.parse_args(["--out", "unused", "--depth", "1", "--width", "64", "--text-width", "64"])
+    vae = VQVAE(train.default_vae_config(args))
+    prev = {"vae_config": train.config_dict(vae.config), "vae": vae.state_dict()}
+    parts, net = train.build_stage("star", args, prev, train.ShapesData())
+    decay, no_decay = train.make_optimizer(net, 1e-3, 0.05).param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    name = {id(p): n for n, p in net.named_parameters()}
+    decayed = {name[id(p)] for p in decay["params"]}
+    kept = {name[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(kept) and decayed | kept == {n for n, p in net.named_parameters() if p.requires_grad}
+    # attention temperatures (log-scales), start token, scale and text embeddings, biases, norms: no decay
+    for n in ("star.blocks.0.attn.scale_mul_1H11", "star.blocks.0.cross_attn.scale_mul_1H11", "star.pos_start",
+              "star.lvl_embed.weight", "star.blocks.0.attn.q_bias", "star.head_logits.bias",
+              "text_encoder.embeddings.token_embedding.weight", "text_encoder.embeddings.position_embedding.weight",
+              "text_encoder.final_layer_norm.weight"):
+        assert n in kept, n
+    for n in ("star.blocks.0.attn.mat_qkv.weight", "star.blocks.0.cross_attn.mat_kv.weight", "star.word_embed.weight",
+              "star.head_logits.weight", "text_encoder.encoder.layers.0.mlp.fc1.weight"):
+        assert n in decayed, n
+    # the VQ-VAE stage: convolutions decayed (the Phi refiners too), the codebook and norms not
+    decay, no_decay = train.make_optimizer(vae, 1e-3, 0.05).param_groups
+    name = {id(p): n for n, p in vae.named_parameters()}
+    decayed = {name[id(p)] for p in decay["params"]}
+    assert "quantize.quant_resi.qresi_ls.0.weight" in decayed and "quantize.embedding.weight" not in decayed
+    assert all(vae.get_parameter(n).ndim == 4 for n in decayed)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 8. nothing trains on the wrong data, nothing destroys a run
 
