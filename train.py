@@ -733,7 +733,7 @@ def build_parser():
                    help="AdamW weight decay of the matrices")
     p.add_argument("--warmup", type=cli.non_negative_int, default=200,
                    help="linear warm-up steps of every stage (at most its step count), then cosine decay")
-    p.add_argument("--grad-clip", type=cli.bounded_float(0, 1e9, lo_open=True), default=2.0,
+    p.add_argument("--grad-clip", type=cli.bounded_float(0, 10000, lo_open=True), default=2.0,
                    help="clip the gradient's global norm to this")
     p.add_argument("--cond-drop", type=cli.bounded_float(0, 0.99), default=0.1,
                    help="fraction of captions dropped to '' (teaches the unconditional model of guidance)")
