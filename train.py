@@ -431,8 +431,12 @@ def save_grid(img_N3HW, path, cols=8):
         grid[:, (i // cols) * H:(i // cols + 1) * H, (i % cols) * W:(i % cols + 1) * W] = im
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     tmp = Path(path).with_suffix(".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def evaluate_shapes(parts, n, dev, stable, seed=0):
