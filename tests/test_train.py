@@ -3,8 +3,10 @@
 The whole pipeline runs end to end and writes self-contained checkpoints; --export makes a smaller
 half-precision bundle; --resume after a SIGKILL continues exactly (same losses, same bits), also when
 the kill lands in the middle of a checkpoint write; torchrun with two processes keeps them in step;
-a non-finite loss stops training before anything NaN is saved; and bad inputs get one line and exit
-code 2. Every run uses one thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1): the same bits). Runs
+a non-finite loss stops training before anything NaN is saved; bad inputs get one line and exit
+code 2; and nothing trains on the wrong data or destroys a run (a token pool made by another
+configuration is made again, a bare --resume keeps the run's own flags, --export never writes over a
+checkpoint and leaves no temporary file). Every run uses one thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1): the same bits). Runs
 that get killed are forked from a server that has imported torch already, which makes each start cheap.
 """
 import codecs
