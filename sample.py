@@ -148,12 +148,14 @@ class Pipeline:
     """Tokenizer + text encoder + STAR (with its VQ-VAE): prompts in, uint8 images out.
 
     sampling: default {cfg, top_k, top_p} for generate(); head_ready: whether STAR's sampler head is
-    trained (stable sampling is on by default then); source: where the weights came from (messages).
+    trained (stable sampling is on by default then); source: where the weights came from (messages);
+    trained_on: train.py's --data for our checkpoints ('shapes' or a folder), None for released weights.
     """
 
-    def __init__(self, tokenizer, text_encoder, vae, star, sampling, head_ready, source):
+    def __init__(self, tokenizer, text_encoder, vae, star, sampling, head_ready, source, trained_on=None):
         self.tokenizer, self.text_encoder, self.vae, self.star = tokenizer, text_encoder, vae, star
         self.sampling, self.head_ready, self.source = dict(sampling), head_ready, source
+        self.trained_on = trained_on
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self._empty = None                                   # encoding of "" (guidance), made once
 
@@ -412,7 +414,9 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
                          "write it again with train.py") from None
     sampling = {**SHAPES_SAMPLING, **{k: v for k, v in (ck.get("sampling") or {}).items() if k in SHAPES_SAMPLING}}
     head_ready = star_config.head and ck.get("stage") == "head"
-    pipe = Pipeline(tokenizer, text_encoder.eval(), vae.eval(), star.eval(), sampling, head_ready, str(path))
+    trained_on = (ck.get("args") or {}).get("data")
+    pipe = Pipeline(tokenizer, text_encoder.eval(), vae.eval(), star.eval(), sampling, head_ready, str(path),
+                    trained_on)
     return pipe.to(device, dtype or torch.float32)
 
 
@@ -710,6 +714,19 @@ def read_edit_files(args):
     return files
 
 
+def warn_outside_grammar(prompts):
+    """A model of the shapes world knows its captions' small grammar (shapes.py) and nothing else: say so
+    for a prompt outside it, which is drawn loosely (e.g. 'a red circle' often comes out as two objects)."""
+    import shapes
+    for prompt in dict.fromkeys(prompts):
+        try:
+            shapes.parse_caption(prompt)
+        except ValueError:
+            print(f"warning: {prompt!r} is outside the captions this model was trained on, such as 'a large red "
+                  "circle on the left on a white background' or 'a red circle above a blue square' (size and "
+                  "position are part of a one-object caption); it may not be followed", file=sys.stderr)
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -892,6 +909,8 @@ def run(argv=None):
         raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): "
                         f"{memory_advice(device, dtype, 1, None)}") from None
     cli.set_threads(args.threads, pipe.num_parameters)
+    if pipe.trained_on == "shapes":
+        warn_outside_grammar(prompts)
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

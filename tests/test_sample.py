@@ -585,3 +585,20 @@ def test_every_flag_value_survives_the_settings_file(ckpt, tmp_path, capsys):
     assert cli(argv, capsys)[0] == 0
     code, out, err = cli(argv, capsys)
     assert code == 0 and "skipped 1 of 1" in out, err
+
+
+
+def test_prompts_outside_the_shapes_grammar_are_named(tmp_path, capsys):
+    # the bundled model knows its captions' grammar only: "a red circle" (no size, no position) is drawn
+    # loosely, and the command says so; a caption of the grammar passes without a word, as does any
+    # prompt for a model trained on a folder of images
+    code, _, err = cli(["--ckpt", sample.DEFAULT_CKPT, "--prompt", "a red circle", "--prompt",
+                        "a large red circle on the left on a white background", "--grid", "--out", tmp_path / "a.png"],
+                       capsys)
+    assert code == 0 and err.count("warning:") == 1 and "'a red circle' is outside" in err
+    code, _, err = cli(["--ckpt", sample.DEFAULT_CKPT, "--prompt", "a red circle above a blue square",
+                        "--out", tmp_path / "b.png"], capsys)
+    assert code == 0 and "warning:" not in err
+    folder_model = build_tiny_checkpoint(tmp_path / "folder.pt")
+    code, _, err = cli(["--ckpt", folder_model, "--prompt", "a red circle", "--out", tmp_path / "c.png"], capsys)
+    assert code == 0 and "warning:" not in err
