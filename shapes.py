@@ -495,7 +495,8 @@ def summarize(results):
 
 def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=None, stable=None, grid=None,
              threads=None):
-    """Generate images for n held-out captions with a checkpoint and judge them; returns summarize()'s table.
+    """Generate images for n held-out captions with a checkpoint and judge them; returns summarize()'s table
+    and a row 'white/black bg' for the captions that name one of those two backgrounds.
     threads: CPU threads (None: cli.set_threads's choice for the model's size)."""
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt {ckpt}: no such file; train one with train.py or pass checkpoints/shapes.pt")
@@ -514,7 +515,13 @@ def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=Non
         shown += list(images[:max(0, 64 - len(shown))])
     if grid:
         save_grid(shown, grid, scale=2, cols=8)
-    return summarize(results)
+    table = summarize(results)
+    # white and black are the backgrounds a model can swap (gray sits between them): their own row
+    named = [r["background"] for c, r in zip(captions, results)
+             if c.endswith((" white background", " black background"))]
+    if named:
+        table["white/black bg"] = {"n": len(named), "background": float(np.mean(named))}
+    return table
 
 
 def print_table(table, file=None):
