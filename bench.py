@@ -21,6 +21,7 @@ import bisect
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from sample import RELEASED_SAMPLING, SHAPES_SAMPLING
-from star import STAR, STARConfig
+import cli
+from sample import RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights
+from star import PRESETS, STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
 
 TEXT_LEN = 77  # CLIP's context: cross-attention always runs over all 77 states (padding is masked)
@@ -72,9 +74,10 @@ def build(args, device, dtype):
         path = Path(args.ckpt)
         if not path.is_file():
             raise FileNotFoundError(f"--ckpt {path}: no such file; pass a checkpoint written by train.py")
-        ck = torch.load(path, map_location='cpu', weights_only=True)
+        ck = read_weights(path, "--ckpt")        # one line for text files, truncated files, pickled code
         if not (isinstance(ck, dict) and 'vae_config' in ck and 'star' in ck):
-            raise ValueError(f"--ckpt {path}: expected a train.py checkpoint of the star or head stage "
+            stage = f" holds a '{ck['stage']}' checkpoint:" if isinstance(ck, dict) and 'stage' in ck else ":"
+            raise ValueError(f"--ckpt {path}{stage} expected a train.py checkpoint of the star or head stage "
                              "(with 'vae_config', 'vae' and 'star'); use --preset for random weights")
         vae = VQVAE(VQVAEConfig(**ck['vae_config']))
         vae.load_state_dict({k: v.float() for k, v in ck['vae'].items()})
@@ -401,25 +404,46 @@ def bench_training(model, args, device, dtype):
 
 
 def bench_sample_command(prompt, iters, ckpt=None, threads=None):
-    """Wall time of the whole `python sample.py --prompt ...` (start-up, loading, encoding, sampling, saving),
-    with --ckpt when given, else the bundled checkpoints/shapes.pt; threads: its OMP_NUM_THREADS."""
+    """Wall time of the whole `python sample.py --prompt ...` (start-up, loading, encoding, sampling, saving)
+    and the generation time it reports, with --ckpt when given, else the bundled checkpoints/shapes.pt;
+    threads: its --threads (None: sample.py's own choice)."""
     root = Path(__file__).resolve().parent
     ckpt = Path(ckpt) if ckpt else root / 'checkpoints' / 'shapes.pt'
     if not (root / 'sample.py').is_file() or not ckpt.is_file():
         return dict(mode='sample_command', skipped=f'sample.py or {ckpt} not found')
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-    times = []
+    times, generation = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(iters):
             cmd = [sys.executable, str(root / 'sample.py'), '--ckpt', str(ckpt), '--prompt', prompt,
-                   '--out', str(Path(tmp) / f'{i}.png')]
+                   '--out', str(Path(tmp) / f'{i}.png')] + (['--threads', str(threads)] if threads else [])
             t0 = time.perf_counter()
-            done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+            done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
             times.append(time.perf_counter() - t0)
             if done.returncode:
                 return dict(mode='sample_command', failed=done.stderr.strip().splitlines()[-1:])
-    return dict(mode='sample_command', prompt=prompt, ckpt=str(ckpt), threads=threads,
-                wall_s=statistics.median(times), times_s=times)
+            said = re.search(r" in ([0-9.]+)s: .*?(\d+) CPU thread", done.stdout)   # sample.py's summary line
+            if said:
+                generation.append(float(said.group(1)))
+                used = int(said.group(2))
+    return dict(mode='sample_command', prompt=prompt, ckpt=str(ckpt), threads=used if generation else threads,
+                wall_s=statistics.median(times), times_s=times,
+                generation_s=statistics.median(generation) if generation else None)
+
+
+@contextmanager
+def competing_process(enabled):
+    """With `enabled`, one other process spinning on a CPU core for the duration of the block: what a machine
+    shared with a training run or a compiler looks like to torch's threads."""
+    if not enabled:
+        yield
+        return
+    spinner = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+    try:
+        time.sleep(0.5)                        # let it take its core before the clock starts
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 # -----------------------------------------------------------------------------
 # command line
@@ -430,7 +454,9 @@ def describe(r, peak):
     if r['mode'] == 'sample_command':
         if 'wall_s' not in r:
             return f"sample.py: {r.get('skipped') or r.get('failed')}"
-        return f"python sample.py --prompt ... ({r['ckpt']}): {r['wall_s']:.2f} s wall (median of {len(r['times_s'])})"
+        gen = f", {r['generation_s']:.2f} s generating" if r.get('generation_s') is not None else ""
+        return (f"python sample.py --prompt ... ({r['ckpt']}, {r['threads']} threads): {r['wall_s']:.2f} s wall{gen} "
+                f"(median of {len(r['times_s'])})")
     util = f", {100 * r['achieved_tflops'] / peak:.1f}% of {peak:g} TFLOP/s peak" if peak else ""
     if r['mode'] == 'train':
         return (f"train: {r['step_s'] * 1e3:.1f} ms/step at batch {r['batch_size']}, {r['tokens_per_s']:,.0f} tokens/s, "
@@ -446,49 +472,46 @@ def describe(r, peak):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', default='demo', help="'demo' (the bundled 64px model's size) or a STARConfig preset "
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', default='demo', choices=['demo', *sorted(PRESETS)], metavar='NAME', help="'demo' (the bundled 64px model's size) or a STARConfig preset "
                    "(star-256-d16, star-256-d30, star-512-d30, star-1024-d30, star-1024-sampler); random weights")
     p.add_argument('--ckpt', default=None, help="a train.py checkpoint to measure instead of a preset")
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help="auto: cuda, mps, cpu")
     p.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16', 'float16'),
                    help="weights and activations (the VQ-VAE stays float32); auto: bfloat16 on cuda, else float32")
-    p.add_argument('--batch-size', type=int, default=1, help="prompts per generate call / samples per training step")
+    p.add_argument('--batch-size', type=cli.positive_int, default=1, help="prompts per generate call / samples per training step")
     stable = p.add_mutually_exclusive_group()
     stable.add_argument('--stable', action='store_true', help="only generation with the sampler head")
     stable.add_argument('--no-stable', action='store_true', help="only generation without the sampler head "
                         "(default: both where the model has a head)")
-    p.add_argument('--cfg', type=float, default=None, help="guidance scale (default: the model's sampling settings)")
-    p.add_argument('--top-k', type=int, default=None, help="top-k filter (default: the model's sampling settings)")
-    p.add_argument('--top-p', type=float, default=None, help="top-p filter (default: the model's sampling settings)")
+    p.add_argument('--cfg', type=cli.cfg_scale, default=None, help="guidance scale (default: the model's sampling settings)")
+    p.add_argument('--top-k', type=cli.top_k, default=None, help="top-k filter (default: the model's sampling settings)")
+    p.add_argument('--top-p', type=cli.top_p, default=None, help="top-p filter (default: the model's sampling settings)")
     p.add_argument('--train', action='store_true', help="time training steps instead of generation")
-    p.add_argument('--warmup', type=int, default=2, help="untimed calls first (and torch.compile's compilation)")
-    p.add_argument('--iters', type=int, default=5, help="timed calls; the median is reported")
+    p.add_argument('--warmup', type=cli.non_negative_int, default=2, help="untimed calls first (and torch.compile's compilation)")
+    p.add_argument('--iters', type=cli.positive_int, default=5, help="timed calls; the median is reported")
     p.add_argument('--compile', action='store_true', help="torch.compile the per-scale decoding steps "
                    "(STAR.compile_decoding; with --train: every transformer block); compiles during --warmup")
-    p.add_argument('--threads', type=int, default=None,
-                   help="CPU threads for torch, and OMP_NUM_THREADS of the sample.py command (default: torch's choice)")
-    p.add_argument('--peak-tflops', type=float, default=None,
+    p.add_argument('--threads', type=cli.threads, default=None,
+                   help="CPU threads for torch, and OMP_NUM_THREADS of the sample.py command (default: 1 for a model "
+                   "under 20M parameters, else the cores not busy with other processes)")
+    p.add_argument('--busy', action='store_true',
+                   help="time with one competing CPU-bound process running (a busy machine), to compare with idle")
+    p.add_argument('--peak-tflops', type=cli.bounded_float(0, 1e6, lo_open=True), default=None,
                    help="the device's peak TFLOP/s for the utilisation figure (default: known GPUs in 16-bit)")
     p.add_argument('--sample-prompt', default=None,
                    help="also time the whole `python sample.py --prompt TEXT` command (with --ckpt, else the bundled "
                    "checkpoints/shapes.pt)")
     p.add_argument('--json', action='store_true', help="print one JSON object instead of text")
     args = p.parse_args(argv)
-    for flag in ('batch_size', 'iters'):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
     if args.ckpt and args.preset != 'demo':
         p.error("give either --preset or --ckpt, not both")
     return args
 
 
 def main(argv=None):
+    """The command line (raises on a user's mistake; run as a script, cli.run_command makes that one line)."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype != 'auto' else \
         torch.bfloat16 if device.type == 'cuda' else torch.float32
@@ -496,6 +519,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (and the VQ decode) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     model, name, sampling = build(args, device, torch.float32 if args.train else dtype)
+    threads = cli.set_threads(args.threads, sum(p.numel() for p in model.parameters()))
     if args.compile and args.train:
         for block in list(model.blocks) + list(getattr(model, 'feat_extract_blocks', [])):
             block.compile()  # in place: the state_dict keys stay the same
@@ -509,33 +533,30 @@ def main(argv=None):
             args.compile = False
     peak = peak_tflops(args, device, dtype)
     results = []
-    if args.train:
-        results.append(bench_training(model, args, device, dtype))
-    else:
-        for stable in ([True] if args.stable else [False] if args.no_stable or not model.config.head else [False, True]):
-            results.append(bench_generation(model, args, device, dtype, sampling, stable))
-    if args.sample_prompt:
-        results.append(bench_sample_command(args.sample_prompt, args.iters, args.ckpt, args.threads))
+    with competing_process(args.busy):
+        if args.train:
+            results.append(bench_training(model, args, device, dtype))
+        else:
+            for stable in [True] if args.stable else [False] if args.no_stable or not model.config.head else [False, True]:
+                results.append(bench_generation(model, args, device, dtype, sampling, stable))
+        if args.sample_prompt:
+            results.append(bench_sample_command(args.sample_prompt, args.iters, args.ckpt, args.threads))
     for r in results:
         if peak and 'achieved_tflops' in r:
             r['utilisation'] = r['achieved_tflops'] / peak
     info = dict(model=name, config=asdict(model.config), device=str(device), dtype=str(dtype).replace('torch.', ''),
                 device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine(),
-                threads=torch.get_num_threads(), torch=torch.__version__, compile=args.compile,
+                threads=threads, busy=args.busy, torch=torch.__version__, compile=args.compile,
                 date=time.strftime('%Y-%m-%d'), peak_tflops=peak,
                 params=sum(p.numel() for p in model.parameters()))
     if args.json:
         print(json.dumps(dict(info, results=results)))
         return
     print(f"{name}: {info['params'] / 1e6:.1f}M parameters, {info['device']} ({info['device_name']}, "
-          f"{info['threads']} threads), {info['dtype']}{', compiled' if args.compile else ''}, torch {torch.__version__}")
+          f"{info['threads']} threads{', one competing process' if args.busy else ''}), {info['dtype']}{', compiled' if args.compile else ''}, torch {torch.__version__}")
     for r in results:
         print(describe(r, peak))
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run_command(main))

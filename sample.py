@@ -10,12 +10,17 @@ encoder and tokenizer). Images come back as uint8 arrays (N, H, W, 3); a seed fi
 
   python sample.py --prompt "a red circle above a blue square"            # bundled model -> sample.png
   python sample.py --prompts-file prompts.txt --num-images 4 --out-dir out --grid --save-scales
+      # written batch by batch; after Ctrl-C or a crash the same command skips the images already in out/
+  python sample.py --prompt "a red circle to the left of a blue square" --image in.png --mask mask.png
   python sample.py --preset star-1024-sampler --star star-1024-sampler.pth --vae vae_ch160v4096z32.pth \\
       --text-encoder sd21/text_encoder --tokenizer sd21/tokenizer --prompt "a corgi on the moon"
 Tests: python -m pytest -q tests/test_sample.py
 """
 import argparse
+import json
 import math
+import numbers
+import os
 import pickle
 import resource
 import sys
@@ -30,8 +35,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cli
+from cli import UserError
 from clip_text import TextConfig, TextEncoder, Tokenizer
-from star import PRESETS, STAR, STARConfig
+from star import PRESETS, STAR, STARConfig, keep_masks
 from tokenizer import VQVAE, VQVAEConfig
 
 # -----------------------------------------------------------------------------
@@ -45,6 +52,7 @@ TRAIN_COMMAND = ("python train.py --out runs/shapes && "
 # 400 validation captions (shapes.heldout_captions seed 9, not the evaluation seeds)
 SHAPES_SAMPLING = dict(cfg=1.5, top_k=5, top_p=0.0)
 RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # the reference's demo for the released models
+MAX_CFG = cli.MAX_CFG
 PIPELINE_PARTS = ("vae_config", "vae", "tokenizer", "text_config", "text_encoder", "star_config", "star")
 
 # -----------------------------------------------------------------------------
@@ -140,18 +148,24 @@ class Pipeline:
     """Tokenizer + text encoder + STAR (with its VQ-VAE): prompts in, uint8 images out.
 
     sampling: default {cfg, top_k, top_p} for generate(); head_ready: whether STAR's sampler head is
-    trained (stable sampling is on by default then); source: where the weights came from (messages).
+    trained (stable sampling is on by default then); source: where the weights came from (messages);
+    trained_on: train.py's --data for our checkpoints ('shapes' or a folder), None for released weights.
     """
 
-    def __init__(self, tokenizer, text_encoder, vae, star, sampling, head_ready, source):
+    def __init__(self, tokenizer, text_encoder, vae, star, sampling, head_ready, source, trained_on=None):
         self.tokenizer, self.text_encoder, self.vae, self.star = tokenizer, text_encoder, vae, star
         self.sampling, self.head_ready, self.source = dict(sampling), head_ready, source
+        self.trained_on = trained_on
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self._empty = None                                   # encoding of "" (guidance), made once
 
     @property
     def image_size(self):
         return self.vae.config.downsample * self.star.config.patch_nums[-1]
+
+    @property
+    def num_parameters(self):
+        return sum(p.numel() for m in (self.text_encoder, self.vae, self.star) for p in m.parameters())
 
     def to(self, device=None, dtype=None):
         """STAR runs in `dtype`; the text encoder and the VQ-VAE stay float32 (as in the reference)."""
@@ -173,9 +187,11 @@ class Pipeline:
 
     def check_options(self, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
         """Raise one clear ValueError for a sampling option out of range."""
-        if not cfg >= 0:
-            raise ValueError(f"cfg={cfg}: the guidance scale must be >= 0 (0: no guidance; 2-5 is usual)")
-        if top_k < 0 or int(top_k) != top_k:
+        if not 0 <= cfg <= MAX_CFG:                          # also refuses nan
+            raise ValueError(f"cfg={cfg}: the guidance scale must be in [0, {MAX_CFG:g}] (0: no guidance; "
+                             "2-5 is usual)")
+        whole = isinstance(top_k, numbers.Integral) or isinstance(top_k, float) and top_k.is_integer()  # not inf
+        if not whole or top_k < 0:
             raise ValueError(f"top_k={top_k}: expected a whole number >= 0 (0 keeps every token, 1 is greedy)")
         if not 0 <= top_p <= 1:
             raise ValueError(f"top_p={top_p}: expected a probability mass in [0, 1] (0 or 1 switch it off)")
@@ -189,6 +205,17 @@ class Pipeline:
         if stable and not self.head_ready:
             raise ValueError(f"the sampler head of {self.source} is not trained yet (stage 'star'): leave stable "
                              "sampling off, or train the 'head' stage with train.py")
+
+    def _options(self, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
+        """The sampling options with the pipeline's defaults filled in, checked."""
+        if not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+            raise ValueError(f"seed={seed}: expected a whole number in [0, 2**64 - 1] (what torch.Generator takes)")
+        cfg = self.sampling["cfg"] if cfg is None else cfg
+        top_k = self.sampling["top_k"] if top_k is None else top_k
+        top_p = self.sampling["top_p"] if top_p is None else top_p
+        stable = self.head_ready if stable is None else stable
+        self.check_options(cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        return cfg, top_k, top_p, stable
 
     def generate(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
                  return_scales=False, batch_size=None, progress=False):
@@ -205,11 +232,7 @@ class Pipeline:
             prompts = [prompts]
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts: expected a non-empty list of strings")
-        cfg = self.sampling["cfg"] if cfg is None else cfg
-        top_k = self.sampling["top_k"] if top_k is None else top_k
-        top_p = self.sampling["top_p"] if top_p is None else top_p
-        stable = self.head_ready if stable is None else stable
-        self.check_options(cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        cfg, top_k, top_p, stable = self._options(seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
         if self._empty is None:
             self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D)
         text = [t.repeat_interleave(images_per_prompt, dim=0) for t in self.encode(list(prompts))]
@@ -228,6 +251,120 @@ class Pipeline:
                 scales.append(np.stack([to_uint8(s) for s in per_scale], axis=1))  # (B, K, H, W, 3)
         images = np.concatenate(images)
         return (images, np.concatenate(scales)) if return_scales else images
+
+    def generate_batches(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
+                         return_scales=False, batch_size=None, skip=None):
+        """generate() one batch at a time, for runs too long to hold in memory or to finish in one go.
+
+        Yields (start, images (B, H, W, 3), scales (B, K, H, W, 3) or None) for images start .. start+B-1
+        (prompt-major, as generate). Each batch encodes only its own prompts and draws from its own
+        generator, seeded batch_seed(seed, start): a batch depends on nothing before it, so skip(start, B)
+        -> True leaves a batch out (already on disk) and the others come out the same. The first batch is
+        seeded `seed`, so a run of one batch gives what generate() gives.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of strings")
+        cfg, top_k, top_p, stable = self._options(seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        N = len(prompts) * images_per_prompt
+        batch_size = batch_size or N
+        for start in range(0, N, batch_size):
+            B = min(batch_size, N - start)
+            if skip is not None and skip(start, B):
+                continue
+            if self._empty is None:
+                self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D)
+            first, last = start // images_per_prompt, (start + B - 1) // images_per_prompt
+            counts = torch.tensor([min(start + B, (i + 1) * images_per_prompt) - max(start, i * images_per_prompt)
+                                   for i in range(first, last + 1)])   # images of each prompt in this batch
+            rows = [t.repeat_interleave(counts.to(t.device), dim=0) for t in self.encode(prompts[first:last + 1])]
+            generator = torch.Generator().manual_seed(batch_seed(seed, start))
+            out = self.star.generate(*rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p,
+                                     generator=generator, stable=stable, return_scales=return_scales)
+            img_B3HW, per_scale = (out if return_scales else (out, None))
+            yield start, to_uint8(img_B3HW), (np.stack([to_uint8(s) for s in per_scale], axis=1)
+                                              if return_scales else None)
+
+    def edit(self, prompts, image, mask, seed=0, cfg=None, top_k=None, top_p=None, stable=None,
+             images_per_prompt=1, batch_size=None, progress=False):
+        """Inpaint / outpaint `image`: uint8 (N, H, W, 3), N = len(prompts) * images_per_prompt.
+
+        image: RGB uint8 (H, W, 3) array or PIL image; mask: (H, W) array or PIL image, white (>= 128,
+        or True) = regenerate, black = keep (outpainting: white outside the part to keep). Both are
+        centre-cropped and resized to the model's resolution (fit_edit_inputs). The image is encoded
+        into its token maps, and at every scale the tokens touching the kept region are the image's
+        while the model draws the rest for the prompt (STAR.generate's known_idx / keep). The kept
+        region is not pasted back: decoding the mixed token maps leaves no seam (README, Editing).
+        Other arguments as in generate().
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of strings")
+        if self.vae.encoder is None:
+            raise ValueError(f"{self.source} holds no VQ-VAE encoder weights, so it cannot turn an image into "
+                             "tokens: edit with a checkpoint that has the whole VQ-VAE (train.py writes one)")
+        image, regenerate, _ = fit_edit_inputs(image, mask, self.image_size)
+        if not regenerate.any() or regenerate.all():
+            raise ValueError("the mask " + ("regenerates nothing (it is all black): paint white what to regenerate"
+                             if not regenerate.any() else "keeps nothing (it is all white): paint black what to "
+                             "keep, or generate without --image/--mask"))
+        cfg, top_k, top_p, stable = self._options(seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        x_13HW = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        known = self.vae.img_to_idx(x_13HW)                              # K maps (1, pn*pn)
+        keep = keep_masks(torch.from_numpy(~regenerate)[None], self.star.config.patch_nums)
+        if self._empty is None:
+            self._empty = self.encode([""])
+        text = [t.repeat_interleave(images_per_prompt, dim=0) for t in self.encode(list(prompts))]
+        N = text[0].shape[0]
+        batch_size = batch_size or N
+        generator = torch.Generator().manual_seed(seed)
+        images = []
+        for b, start in enumerate(range(0, N, batch_size)):
+            rows = [t[start:start + batch_size] for t in text]
+            with scale_progress(self.star, f"batch {b + 1}/{math.ceil(N / batch_size)}", progress):
+                images.append(to_uint8(self.star.generate(
+                    *rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p, generator=generator,
+                    stable=stable, known_idx=known, keep=keep)))
+        return np.concatenate(images)
+
+
+def batch_seed(seed, start):
+    """The seed of the batch that starts at image `start`: `seed` for the first, then steps of 2**64 / golden
+    ratio (as SplitMix64 does), so the batches of nearby seeds do not share random streams."""
+    return (seed + start * 0x9E3779B97F4A7C15) % 2**64
+
+
+def fit_edit_inputs(image, mask, side):
+    """An image and its mask at the model's resolution: (uint8 (side, side, 3), regenerate bool (side, side),
+    a note saying what was cropped or resized, or None).
+
+    The mask is first resized to the image (it must have the image's aspect ratio); then both are
+    centre-cropped to a square and resized to side x side (image: Lanczos; mask: area average, then
+    white where at least half of it was white, i.e. >= 128).
+    """
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if not isinstance(mask, Image.Image):
+        m = np.asarray(mask)
+        mask = Image.fromarray(m.astype(np.uint8) * 255 if m.dtype == bool else m.astype(np.uint8))
+    image, mask = image.convert("RGB"), mask.convert("L")
+    (W, H), (w, h) = image.size, mask.size
+    if abs(w / h - W / H) > 0.01 * W / H:
+        raise ValueError(f"the mask is {w}x{h} and the image {W}x{H}: a mask of another shape cannot be "
+                         "resized to the image sensibly; draw the mask on the image's canvas")
+    if (w, h) != (W, H):
+        mask = mask.resize((W, H), Image.BOX)
+    S = min(W, H)
+    box = ((W - S) // 2, (H - S) // 2, (W - S) // 2 + S, (H - S) // 2 + S)
+    note = None
+    if (W, H) != (side, side):
+        cropped = f"centre-cropped to {S}x{S} and " if W != H else ""
+        note = f"note: image {W}x{H} {cropped}resized to {side}x{side}, the model's resolution"
+        image = image.crop(box).resize((side, side), Image.LANCZOS)
+        mask = mask.crop(box).resize((side, side), Image.BOX)
+    return np.array(image), np.array(mask) >= 128, note
 
 
 def to_uint8(img_B3HW):
@@ -263,6 +400,8 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
                              f"{vae_config.patch_nums[-1]}x{vae_config.patch_nums[-1]} latents "
                              f"({vae_config.image_size}px images): end the list at {vae_config.patch_nums[-1]}")
         vae = VQVAE(replace(vae_config, patch_nums=star_config.patch_nums))
+        if not any(k.startswith("encoder.") for k in ck["vae"]):
+            vae.encoder = None                           # a decoder-only bundle generates but cannot edit
         vae.load_state_dict(ck["vae"])                   # load_state_dict copies: float16 -> float32
         tokenizer = Tokenizer.from_state_dict(ck["tokenizer"])
         text_encoder = TextEncoder(TextConfig(**ck["text_config"]))
@@ -275,7 +414,9 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
                          "write it again with train.py") from None
     sampling = {**SHAPES_SAMPLING, **{k: v for k, v in (ck.get("sampling") or {}).items() if k in SHAPES_SAMPLING}}
     head_ready = star_config.head and ck.get("stage") == "head"
-    pipe = Pipeline(tokenizer, text_encoder.eval(), vae.eval(), star.eval(), sampling, head_ready, str(path))
+    trained_on = (ck.get("args") or {}).get("data")
+    pipe = Pipeline(tokenizer, text_encoder.eval(), vae.eval(), star.eval(), sampling, head_ready, str(path),
+                    trained_on)
     return pipe.to(device, dtype or torch.float32)
 
 
@@ -435,15 +576,6 @@ def scale_strip(scales_KHW3, max_side=256):
 # command line
 
 
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line starting with 'error:', exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                                # one line instead of usage + message
-        raise UserError(f"{message} (see python sample.py --help)")
-
-
 def _patch_nums(text):
     try:
         sides = tuple(int(v) for v in text.split(","))
@@ -456,23 +588,26 @@ def _patch_nums(text):
 
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeat the flag for several)")
     g.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
-    g.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
+    g.add_argument("--num-images", type=cli.positive_int, default=1, metavar="N", help="images per prompt (default 1)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random draw (default 0)")
-    g.add_argument("--cfg", type=float, metavar="S", help="classifier-free guidance scale >= 0 (default: the model's, "
+    g.add_argument("--seed", type=cli.seed, default=0, metavar="N",
+                   help="seed of every random draw, in [0, 2**64 - 1] (default 0)")
+    g.add_argument("--cfg", type=cli.cfg_scale, metavar="S",
+                   help=f"classifier-free guidance scale in [0, {MAX_CFG:g}] (default: the model's, "
                    f"bundled {SHAPES_SAMPLING['cfg']}, released {RELEASED_SAMPLING['cfg']})")
-    g.add_argument("--top-k", type=int, metavar="K", help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
+    g.add_argument("--top-k", type=cli.top_k, metavar="K",
+                   help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
                    f"(default: bundled {SHAPES_SAMPLING['top_k']}, released {RELEASED_SAMPLING['top_k']})")
-    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
+    g.add_argument("--top-p", type=cli.top_p, metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
                    f"(default: bundled {SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
     g.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
                    help="commit the large scales with the sampler head (default: on when the model has a trained one)")
-    g.add_argument("--batch-size", type=int, metavar="N",
+    g.add_argument("--batch-size", type=cli.positive_int, metavar="N",
                    help="images generated at once (default: as many pixels as 16 images of 256px: 64 at 64px, "
                    "4 at 512px, 1 at 1024px; lower it if memory runs out)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
@@ -482,11 +617,20 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile STAR's per-scale decoding steps: faster on GPUs after a first run that "
                    "compiles (minutes on a CPU); same tokens up to float noise")
+    g = p.add_argument_group("editing (inpainting, outpainting)")
+    g.add_argument("--image", metavar="FILE", help="edit this image instead of drawing a new one (centre-cropped "
+                   "and resized to the model's resolution); needs --mask")
+    g.add_argument("--mask", metavar="FILE", help="white (>= 128) = regenerate, black = keep; resized to the image "
+                   "(outpainting: white around the part to keep)")
+    g.add_argument("--threads", type=cli.threads, metavar="N", help="CPU threads (default: 1 for a small model "
+                   "like the bundled one, else the cores not busy with other processes)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE",
                    help="image file for a single image, or the --grid sheet (default sample.png)")
-    g.add_argument("--out-dir", metavar="DIR", help="folder for 000.png, 001.png, ... in prompt order and prompts.txt "
-                   "(default samples/ when there are several images)")
+    g.add_argument("--out-dir", metavar="DIR",
+                   help="folder for 000.png, 001.png, ... in prompt order and prompts.txt, written batch by "
+                   "batch; running the same command again skips the images already there (default samples/ when "
+                   "there are several images)")
     g.add_argument("--grid", action="store_true", help="also write a contact sheet (grid.png, or --out)")
     g.add_argument("--save-scales", action="store_true",
                    help="also write the image after every scale, coarse to fine (NNN_scales.png / OUT_scales.png)")
@@ -502,23 +646,16 @@ def parse_args(argv=None):
                    help="SD-2.1 tokenizer folder or OpenAI's bpe_simple_vocab_16e6.txt.gz")
     g.add_argument("--patch-nums", type=_patch_nums, metavar="1,2,...",
                    help="token-map sides, coarse to fine, e.g. 1,2,3,4,5,6,8 (overrides the preset / checkpoint)")
-    g.add_argument("--rope-norm", type=float, metavar="X",
+    g.add_argument("--rope-norm", type=cli.bounded_float(0, 1e6, lo_open=True), metavar="X",
                    help="RoPE positions span [0, rope_norm] at every scale (released: 64)")
-    g.add_argument("--rope-theta", type=float, metavar="X", help="RoPE base frequency (released: 10000)")
+    g.add_argument("--rope-theta", type=cli.bounded_float(0, 1e12, lo_open=True), metavar="X",
+                   help="RoPE base frequency (released: 10000)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    """Flag values and combinations, before anything is loaded. Returns the prompts."""
-    for flag, ok, want in (("--num-images", args.num_images >= 1, ">= 1"),
-                           ("--batch-size", args.batch_size is None or args.batch_size >= 1, ">= 1"),
-                           ("--cfg", args.cfg is None or args.cfg >= 0, ">= 0"),
-                           ("--top-k", args.top_k is None or args.top_k >= 0, ">= 0 (0 keeps every token)"),
-                           ("--top-p", args.top_p is None or 0 <= args.top_p <= 1, "in [0, 1]"),
-                           ("--rope-norm", args.rope_norm is None or args.rope_norm > 0, "> 0"),
-                           ("--rope-theta", args.rope_theta is None or args.rope_theta > 0, "> 0")):
-        if not ok:
-            raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: expected a value {want}")
+    """Flag combinations and the prompts file, before anything is loaded (flag values: their types). Returns
+    the prompts."""
     released = [f for f in ("star", "vae", "text_encoder", "tokenizer") if getattr(args, f)]
     if args.ckpt and (released or args.preset):
         raise UserError("--ckpt is one of our checkpoints; --preset/--star/--vae/--text-encoder/--tokenizer "
@@ -530,6 +667,13 @@ def check_args(args):
                         f"missing {' '.join(missing)}")
     if args.out and args.out_dir:
         raise UserError("give --out FILE (one image or a --grid) or --out-dir DIR, not both")
+    if bool(args.image) != bool(args.mask):
+        raise UserError("--image and --mask go together: give the image to edit and a mask of what to "
+                        "regenerate (white) and keep (black)")
+    if args.image and args.out_dir:
+        raise UserError("--out-dir streams long sampling runs; an edit writes one file: use --out FILE")
+    if args.image and args.save_scales:
+        raise UserError("--save-scales shows how a new image is drawn; it is not available with --image")
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -554,6 +698,38 @@ def check_args(args):
     return prompts
 
 
+def read_edit_files(args):
+    """(image, mask) as PIL images for --image / --mask, or (None, None); read before the model loads."""
+    if not args.image:
+        return None, None
+    files = []
+    for flag, path in (("--image", Path(args.image)), ("--mask", Path(args.mask))):
+        if not path.is_file():
+            raise UserError(f"{flag} {path} not found" + (" (it is a folder)" if path.is_dir() else "") +
+                            ": give an image file (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                files.append(img.copy())
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"{flag} {path} cannot be read as an image ({type(e).__name__}): give a PNG or JPEG "
+                            "file") from None
+    return files
+
+
+def warn_outside_grammar(prompts):
+    """A model of the shapes world knows its captions' small grammar (shapes.py) and nothing else: say so
+    for a prompt outside it, which is drawn loosely (e.g. 'a red circle' often comes out as two objects)."""
+    import shapes
+    for prompt in dict.fromkeys(prompts):
+        try:
+            shapes.parse_caption(prompt)
+        except ValueError:
+            print(f"warning: {prompt!r} is outside the captions this model was trained on, such as 'a large red "
+                  "circle on the left on a white background' or 'a red circle above a blue square' (size and "
+                  "position are part of a one-object caption); it may not be followed", file=sys.stderr)
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -574,8 +750,8 @@ def pick_dtype(name, device):
 def output_plan(args, n):
     """(single image file or None, folder or None), created and checked before the model loads."""
     out, out_dir = args.out, args.out_dir
-    if not out and not out_dir:
-        out, out_dir = ("sample.png", None) if n == 1 else (None, "samples")
+    if not out and not out_dir:   # one image, or an edit (one file, a sheet if several): sample.png
+        out, out_dir = ("sample.png", None) if n == 1 or args.image else (None, "samples")
     target = Path(out_dir) if out_dir else Path(out).resolve().parent
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -601,23 +777,98 @@ def build_pipeline(args, device, dtype):
     return load_pipeline(ckpt, device=device, dtype=dtype, **overrides)
 
 
-def save_outputs(prompts, images, scales, out, out_dir, grid, cols):
-    """Write the images (and sheets); returns what was written, for the summary line."""
-    if out is not None:
-        Image.fromarray(images[0] if len(images) == 1 else contact_sheet(images, cols)).save(out)
-        if scales is not None:
-            strips = [scale_strip(s) for s in scales]
-            Image.fromarray(np.concatenate(strips) if len(strips) == 1 else contact_sheet(np.stack(strips), 1)
-                            ).save(out.with_name(f"{out.stem}_scales.png"))
-        return str(out)
-    for i, img in enumerate(images):
-        Image.fromarray(img).save(out_dir / f"{i:03d}.png")
-        if scales is not None:
-            Image.fromarray(scale_strip(scales[i])).save(out_dir / f"{i:03d}_scales.png")
-    (out_dir / "prompts.txt").write_text("".join(" ".join(p.split()) + "\n" for p in prompts), encoding="utf-8")
-    if grid:
-        Image.fromarray(contact_sheet(images, cols)).save(out_dir / "grid.png")
-    return f"{out_dir}/000.png..{len(images) - 1:03d}.png"
+def save_outputs(images, scales, out, cols):
+    """Write one image (or the --grid sheet) to --out; returns what was written, for the summary line."""
+    Image.fromarray(images[0] if len(images) == 1 else contact_sheet(images, cols)).save(out)
+    if scales is not None:
+        strips = [scale_strip(s) for s in scales]
+        Image.fromarray(np.concatenate(strips) if len(strips) == 1 else contact_sheet(np.stack(strips), 1)
+                        ).save(out.with_name(f"{out.stem}_scales.png"))
+    return str(out)
+
+
+def atomic_save(path, write):
+    """write(tmp) then rename: `path` is either the complete file or absent, even after Ctrl-C or a crash."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_lines(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def save_png(path, img):
+    atomic_save(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
+
+
+def run_settings(args, prompts, device, dtype):
+    """Everything that decides the images of an --out-dir run, to tell a continuation from another run.
+    --batch-size is not in it: a run stopped by a lack of memory continues with a smaller one."""
+    files = [Path(f) for f in (args.ckpt or (None if args.star else DEFAULT_CKPT), args.star, args.vae,
+                               args.text_encoder, args.tokenizer) if f]
+    return dict(prompts=prompts, images_per_prompt=args.num_images, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+                top_p=args.top_p, stable=args.stable, preset=args.preset, patch_nums=args.patch_nums,
+                rope_norm=args.rope_norm, rope_theta=args.rope_theta, device=device.type, dtype=str(dtype),
+                model=[[str(f.resolve()), *((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else ())]
+                       for f in files])
+
+
+def sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype):
+    """Generate into out_dir batch by batch: each image is written (atomically) as soon as its batch is done,
+    so memory stays flat however many images are asked for. Images already there from the same settings
+    (settings.json) are skipped; their batches' seeds do not depend on them, so the set comes out as one
+    uninterrupted run would write it. Returns (images generated, images skipped)."""
+    n = len(prompts) * args.num_images
+    image = lambda i: out_dir / f"{i:03d}.png"                           # noqa: E731
+    strip = lambda i: out_dir / f"{i:03d}_scales.png"                    # noqa: E731
+    settings = json.loads(json.dumps(run_settings(args, prompts, device, dtype)))   # as read back: lists, not tuples
+    manifest = out_dir / "settings.json"
+    try:
+        previous = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+    except (OSError, ValueError):
+        previous = None
+    complete = lambda i: image(i).is_file() and (not args.save_scales or strip(i).is_file())   # noqa: E731
+    if not any(out_dir.glob("[0-9][0-9][0-9]*.png")):    # a new folder: nothing to look for, image by image
+        skipped = 0
+    elif previous == settings:
+        skipped = sum(complete(i) for i in range(n))     # counted, not listed: memory stays flat in n
+    else:                    # another run's images: remove ours-to-be first, so none of them counts as done
+        skipped = stale = 0
+        for p in (f(i) for i in range(n) for f in (image, strip)):
+            if p.is_file():
+                p.unlink()
+                stale += 1
+        if stale:
+            print(f"{out_dir} held {stale} image file(s) of other settings: replaced")
+    atomic_save(manifest, lambda tmp: tmp.write_text(json.dumps(settings, indent=1), encoding="utf-8"))
+    atomic_save(out_dir / "prompts.txt", lambda tmp: write_lines(
+        tmp, (" ".join(p.split()) + "\n" for p in prompts for _ in range(args.num_images))))
+    if skipped:
+        print(f"skipped {skipped} of {n} images already in {out_dir} (same prompts, seed and settings)")
+    bar = tqdm(total=n, initial=skipped, unit="image", desc="images", smoothing=0.1)
+    try:
+        for start, images, scales in pipe.generate_batches(
+                prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, stable=args.stable,
+                images_per_prompt=args.num_images, return_scales=args.save_scales, batch_size=batch_size,
+                skip=lambda start, B: all(complete(i) for i in range(start, start + B))):
+            for i, img in enumerate(images, start):
+                if not complete(i):
+                    if scales is not None:
+                        save_png(strip(i), scale_strip(scales[i - start]))
+                    save_png(image(i), img)                              # last: the image marks it done
+                    bar.update(1)
+    except BaseException:
+        bar.leave = False                                                # an error line should not follow a bar
+        raise
+    finally:
+        bar.close()
+    if args.grid:                                                        # read back from disk once all are there
+        cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(n))   # a row per prompt
+        save_png(out_dir / "grid.png", contact_sheet(np.stack([np.asarray(Image.open(image(i))) for i in range(n)]),
+                                                     cols))
+    return n - skipped, skipped
 
 
 def peak_memory(device):
@@ -633,6 +884,18 @@ def out_of_memory(e):
         or "out of memory" in str(e)
 
 
+def memory_advice(device, dtype, at_once, out_dir):
+    """What can help after running out of memory, given what was running."""
+    advice = [f"--batch-size {at_once // 2}"] if at_once > 1 else []
+    if dtype == torch.float32 and device.type == "cuda":
+        advice.append("--dtype bfloat16")
+    advice.append("a device with more memory" if device.type != "cpu" else "a machine with more memory")
+    advice.append("or a smaller model")
+    kept = (f" (the images in {out_dir} are kept: the same command with the new flags continues)"
+            if out_dir is not None else "")
+    return "use " + ", ".join(advice) + kept
+
+
 def run(argv=None):
     args = parse_args(argv)
     prompts = check_args(args)
@@ -640,14 +903,17 @@ def run(argv=None):
     dtype = pick_dtype(args.dtype, device)
     n = len(prompts) * args.num_images
     out, out_dir = output_plan(args, n)
-    smaller = "--dtype bfloat16, " if dtype == torch.float32 and device.type == "cuda" else ""
+    image, mask = read_edit_files(args)
     try:
         pipe = build_pipeline(args, device, dtype)
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): use {smaller}"
-                        "a device with more memory, or a smaller model") from None
+        raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): "
+                        f"{memory_advice(device, dtype, 1, None)}") from None
+    cli.set_threads(args.threads, pipe.num_parameters)
+    if pipe.trained_on == "shapes":
+        warn_outside_grammar(prompts)
     if args.compile:
         try:
             pipe.star.compile_decoding()
@@ -656,41 +922,48 @@ def run(argv=None):
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if image is not None:
+        note = fit_edit_inputs(image, mask, pipe.image_size)[2]
+        if note:
+            print(note)
     t0 = time.perf_counter()
     try:
-        result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                               stable=args.stable, images_per_prompt=args.num_images,
-                               return_scales=args.save_scales, batch_size=batch_size, progress=True)
+        if image is not None:
+            images = pipe.edit(prompts, image, mask, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+                               top_p=args.top_p, stable=args.stable, images_per_prompt=args.num_images,
+                               batch_size=batch_size, progress=True)
+            cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))
+            generated, written = len(images), save_outputs(images, None, out, cols)
+        elif out_dir is not None:
+            generated, skipped = sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype)
+            written = f"{out_dir}/000.png..{n - 1:03d}.png"
+        else:
+            result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                   stable=args.stable, images_per_prompt=args.num_images,
+                                   return_scales=args.save_scales, batch_size=batch_size, progress=True)
+            images, scales = result if args.save_scales else (result, None)
+            cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))  # a row per prompt
+            generated, written = len(images), save_outputs(images, scales, out, cols)
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        raise UserError(f"out of memory on {device} generating {min(batch_size, n)} {pipe.image_size}px "
-                        f"images at once ({type(e).__name__}): use --batch-size 1, {smaller}or a smaller model"
-                        ) from None
-    seconds = time.perf_counter() - t0
-    images, scales = result if args.save_scales else (result, None)
-    cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))  # a row per prompt
-    try:
-        written = save_outputs([p for p in prompts for _ in range(args.num_images)], images, scales, out, out_dir,
-                               args.grid, cols)
+        at_once = min(batch_size, n)
+        raise UserError(f"out of memory on {device} generating {at_once} {pipe.image_size}px images at once "
+                        f"({type(e).__name__}): {memory_advice(device, dtype, at_once, out_dir)}") from None
     except OSError as e:
-        raise UserError(f"could not write the images ({e}); choose another --out / --out-dir") from None
+        raise UserError(f"could not write the images ({cli.one_line(e)}); choose another --out / --out-dir") from None
+    seconds = time.perf_counter() - t0
     print(f"wrote {written}")
-    print(f"{len(images)} image(s) of {pipe.image_size}x{pipe.image_size} in {seconds:.2f}s: "
-          f"{seconds / len(images):.3f} s/image on {device} ({str(dtype).removeprefix('torch.')}), "
-          f"peak memory {peak_memory(device)}")
+    if generated:
+        print(f"{generated} image(s) of {pipe.image_size}x{pipe.image_size} in {seconds:.2f}s: "
+              f"{seconds / generated:.3f} s/image on {device} ({str(dtype).removeprefix('torch.')}, "
+              f"{torch.get_num_threads()} CPU thread(s)), peak memory {peak_memory(device)}")
 
 
 def main(argv=None):
-    """The command line; returns the exit status (0, or 2 after a one-line 'error:' message)."""
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-        try:
-            run(argv)
-        except (UserError, ValueError, FileNotFoundError) as e:
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)
-            return 2
-    return 0
+    """The command line; returns the exit status (0; 2 after a one-line 'error:' message; 130 after Ctrl-C)."""
+    return cli.run_command(run, argv, interrupted="interrupted; the images already written are kept, and the "
+                           "same command skips them")
 
 
 if __name__ == "__main__":

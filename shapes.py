@@ -14,6 +14,7 @@ model's prompt-following is a number: `eval` generates images for held-out capti
   python shapes.py show --n 16 --out grid.png               # random scenes; captions on stdout
   python shapes.py check --n 600                            # the judge on clean/degraded/mismatched renders
   python shapes.py eval --ckpt checkpoints/shapes.pt --n 300  # accuracy of a trained model
+  python shapes.py edit-eval --ckpt checkpoints/shapes.pt --n 60 --grid docs/edit.png   # inpainting, outpainting
 """
 import argparse
 import copy
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+import cli
 
 # ---------------------------------------------------------------------------------------------------
 # The world's vocabulary and geometry (all in pixels of the 64x64 canvas, y pointing down).
@@ -490,14 +493,18 @@ def summarize(results):
     return table
 
 
-def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=None, stable=None, grid=None):
-    """Generate images for n held-out captions with a checkpoint and judge them; returns summarize()'s table."""
+def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=None, stable=None, grid=None,
+             threads=None):
+    """Generate images for n held-out captions with a checkpoint and judge them; returns summarize()'s table
+    and a row 'white/black bg' for the captions that name one of those two backgrounds.
+    threads: CPU threads (None: cli.set_threads's choice for the model's size)."""
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt {ckpt}: no such file; train one with train.py or pass checkpoints/shapes.pt")
     # sample.py provides load_pipeline(path) -> object with .generate(prompts, seed, cfg, top_k, top_p, stable)
     # returning (B, 64, 64, 3) uint8; options left as None here keep generate's own defaults.
     from sample import load_pipeline
     pipe = load_pipeline(ckpt)
+    cli.set_threads(threads, pipe.num_parameters)
     options = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p, stable=stable).items() if v is not None}
     captions = heldout_captions(n, seed)
     results, shown = [], []
@@ -508,7 +515,13 @@ def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=Non
         shown += list(images[:max(0, 64 - len(shown))])
     if grid:
         save_grid(shown, grid, scale=2, cols=8)
-    return summarize(results)
+    table = summarize(results)
+    # white and black are the backgrounds a model can swap (gray sits between them): their own row
+    named = [r["background"] for c, r in zip(captions, results)
+             if c.endswith((" white background", " black background"))]
+    if named:
+        table["white/black bg"] = {"n": len(named), "background": float(np.mean(named))}
+    return table
 
 
 def print_table(table, file=None):
@@ -520,47 +533,149 @@ def print_table(table, file=None):
         print(f"{g:<12}{row['n']:>5}" + cells, file=file)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Editing: inpainting and outpainting (sample.Pipeline.edit), judged like generation.
+#   inpainting:  a held-out two-object caption with a left/right relation; only its left object is
+#                rendered, the left half is kept and the right half regenerated with the whole caption.
+#   outpainting: a held-out one-object scene moved to the centre ("... in the center ..."); the central
+#                32x32 is kept, the border regenerated: the model must continue the background and add
+#                nothing (count, background and position are judged with the rest).
+
+EDIT_MARGIN = 8     # pixels: the kept region "away from the border" starts one finest token (8 px) inside
+
+
+def edit_cases(kind, n, seed=0):
+    """n (caption, input image (64, 64, 3) uint8, keep (64, 64) bool) for 'inpaint' or 'outpaint'."""
+    cases = []
+    for scene in heldout_scenes(40 * n, seed):
+        keep = np.zeros((RESOLUTION, RESOLUTION), dtype=bool)
+        if kind == "inpaint" and scene.where in ("to the left of", "to the right of"):
+            shown = copy.deepcopy(scene)
+            shown.objects = [min(scene.objects, key=lambda o: o.cx)]
+            keep[:, :RESOLUTION // 2] = True
+        elif kind == "outpaint" and len(scene.objects) == 1:
+            scene = shown = copy.deepcopy(scene)
+            scene.where, scene.objects[0].cx, scene.objects[0].cy = "in the center", 32, 32
+            keep[16:48, 16:48] = True
+        else:
+            continue
+        cases.append((caption(scene), render(shown), keep))
+        if len(cases) == n:
+            return cases
+    raise AssertionError("not enough held-out scenes")
+
+
+def _near(region, margin):
+    """Pixels within `margin` pixels (Chebyshev) of a (64, 64) bool region."""
+    out = region.copy()
+    for _ in range(margin):
+        out = _grow(out)
+    return out
+
+
+def evaluate_edits(ckpt, n=60, seed=0, grid=None):
+    """Judge pass rate, kept-region error and time of n inpainting and n outpainting edits; prints them."""
+    import time
+    from sample import load_pipeline, to_uint8
+    pipe = load_pipeline(ckpt)
+    cli.set_threads(None, pipe.num_parameters)
+    shown = []
+    for kind in ("inpaint", "outpaint"):
+        ok, away, near, recon, seconds = [], [], [], [], 0.0
+        for i, (text, image, keep) in enumerate(edit_cases(kind, n, seed)):
+            t0 = time.perf_counter()
+            out = pipe.edit(text, image, ~keep, seed=seed + i)[0]
+            seconds += time.perf_counter() - t0
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+            rec = to_uint8(pipe.vae.idx_to_img(pipe.vae.img_to_idx(x)).add(1).mul(0.5))[0]
+            inner = keep & ~_near(~keep, EDIT_MARGIN)             # kept, at least 8 px from the border
+            diff = lambda a: np.abs(a.astype(np.float64) - image)  # (64, 64, 3) grey levels
+            ok.append(judge(text, out)["ok"])
+            away.append(diff(out)[inner].mean())
+            near.append(diff(out)[keep & ~inner].mean())
+            recon.append(diff(rec)[inner].mean())
+            if i < 4:
+                shown += [image, np.repeat((~keep * 255).astype(np.uint8)[..., None], 3, axis=2), out]
+        print(f"{kind:<9} n={n}: judge ok {100 * np.mean(ok):.1f}%; kept region |edit - input| "
+              f"{np.mean(away):.2f} grey levels >= {EDIT_MARGIN} px from the border, {np.mean(near):.2f} nearer; "
+              f"VQ-VAE reconstruction alone {np.mean(recon):.2f}; {1000 * seconds / n:.0f} ms per edit")
+    if grid:
+        save_grid(shown, grid, scale=2, cols=6)
+
+
+def check_image_path(path, flag):
+    """An image file name to write: a known extension in an existing folder, checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise cli.UserError(f"{flag} {path} is a folder; expected an image file name such as grid.png")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise cli.UserError(f"{flag} {path}: unknown image type {path.suffix!r}; use a .png file name")
+    if not path.resolve().parent.is_dir():
+        raise cli.UserError(f"{flag} {path}: the folder {path.resolve().parent} does not exist; create it or "
+                            "choose another file name")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The shapes world: look at scenes, check the judge, evaluate a model.")
-    sub = p.add_subparsers(dest="command", required=True)
+    """The command line (raises on a user's mistake; run as a script, cli.run_command makes that one line)."""
+    p = cli.Parser(description="The shapes world: look at scenes, check the judge, evaluate a model.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{show,check,eval,edit-eval}")
     s = sub.add_parser("show", help="write a grid of random scenes and print their captions")
-    s.add_argument("--n", type=int, default=16, help="number of scenes")
+    s.add_argument("--n", type=cli.int_range(1, 1024), default=16, help="number of scenes (1-1024)")
     s.add_argument("--out", default="grid.png", help="PNG file to write")
-    s.add_argument("--seed", type=int, default=0, help="seed of the scenes")
-    s.add_argument("--scale", type=int, default=4, help="upscaling factor of each 64x64 image in the grid")
+    s.add_argument("--seed", type=cli.seed, default=0, help="seed of the scenes")
+    s.add_argument("--scale", type=cli.int_range(1, 16), default=4,
+                   help="upscaling factor of each 64x64 image in the grid (1-16)")
     c = sub.add_parser("check", help="the judge's accuracy on clean, degraded and mismatched renders")
-    c.add_argument("--n", type=int, default=600, help="number of scenes")
-    c.add_argument("--seed", type=int, default=0, help="seed of the scenes and degradations")
+    c.add_argument("--n", type=cli.positive_int, default=600, help="number of scenes")
+    c.add_argument("--seed", type=cli.seed, default=0, help="seed of the scenes and degradations")
     e = sub.add_parser("eval", help="generate images for held-out captions with a checkpoint and judge them")
     e.add_argument("--ckpt", required=True, help="checkpoint readable by sample.load_pipeline")
-    e.add_argument("--n", type=int, default=300, help="number of held-out captions (alternating one/two objects)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the held-out captions and of sampling")
-    e.add_argument("--batch-size", type=int, default=50, help="prompts generated per call")
-    e.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: sample.py's)")
-    e.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: sample.py's)")
-    e.add_argument("--top-p", type=float, default=None, help="top-p sampling (default: sample.py's)")
+    e.add_argument("--n", type=cli.positive_int, default=300,
+                   help="number of held-out captions (alternating one/two objects)")
+    e.add_argument("--seed", type=cli.int_range(0, 2**63 - 1), default=0,
+                   help="seed of the held-out captions and of sampling")
+    e.add_argument("--batch-size", type=cli.positive_int, default=50, help="prompts generated per call")
+    e.add_argument("--cfg", type=cli.cfg_scale, default=None,
+                   help="classifier-free guidance scale (default: sample.py's)")
+    e.add_argument("--top-k", type=cli.top_k, default=None, help="top-k sampling (default: sample.py's)")
+    e.add_argument("--top-p", type=cli.top_p, default=None, help="top-p sampling (default: sample.py's)")
     e.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
                    help="use the stable-sampling head (default: sample.py's)")
     e.add_argument("--grid", default=None, help="also write the first 64 generated images to this PNG")
+    e.add_argument("--threads", type=cli.threads, default=None,
+                   help="CPU threads (default: 1 for a small model, else the free cores)")
+    d = sub.add_parser("edit-eval", help="inpainting and outpainting with a checkpoint, judged (see evaluate_edits)")
+    d.add_argument("--ckpt", required=True, help="checkpoint readable by sample.load_pipeline")
+    d.add_argument("--n", type=cli.positive_int, default=60, help="edits of each kind")
+    d.add_argument("--seed", type=cli.int_range(0, 2**63 - 1), default=0, help="seed of the held-out scenes and of sampling")
+    d.add_argument("--grid", default=None, help="also write input, mask, result of 4 edits of each kind to this PNG")
     args = p.parse_args(argv)
-    for name in ("n", "batch_size", "scale"):
-        if getattr(args, name, 1) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
 
     if args.command == "show":
+        check_image_path(args.out, "--out")
         rng = np.random.default_rng(args.seed)
         scenes = [random_scene(rng) for _ in range(args.n)]
-        save_grid([render(sc) for sc in scenes], args.out, scale=args.scale)
+        try:
+            save_grid([render(sc) for sc in scenes], args.out, scale=args.scale)
+        except OSError as e:
+            raise cli.UserError(f"--out {args.out}: cannot write it ({e.strerror or type(e).__name__}); "
+                                "choose a folder you can write to") from None
         for i, sc in enumerate(scenes):
             print(f"{i:3d}  {caption(sc)}")
     elif args.command == "check":
         for name, acc in check_judge(args.n, args.seed).items():
             print(f"{name:<46}{100 * acc:6.1f}% ok")
+    elif args.command == "edit-eval":
+        if args.grid:
+            check_image_path(args.grid, "--grid")
+        evaluate_edits(args.ckpt, args.n, args.seed, args.grid)
     else:
+        if args.grid:
+            check_image_path(args.grid, "--grid")
         table = evaluate(args.ckpt, args.n, args.seed, args.batch_size, args.cfg, args.top_k, args.top_p,
-                         args.stable, args.grid)
+                         args.stable, args.grid, args.threads)
         print_table(table)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_command(main))

@@ -306,6 +306,21 @@ def arccos_schedule(steps, pn):
         raise ValueError(f"arccos_schedule: {steps} steps are too many for a {pn}x{pn} map")
     return n.tolist()
 
+
+def free_schedule(steps, pn, free_B):
+    """Commit counts (B, steps) when each row has only free_B (B,) of its pn*pn positions left to commit.
+
+    An edit commits its kept tokens before the first step; the rest follow the arccos schedule's
+    cumulative share of the map: after step s, round(done_s / (pn*pn) * free) of a row's free positions
+    are committed (done_s: what arccos_schedule has committed of the whole map by then). The counts may
+    be 0 where few positions are free, they add up to `free` exactly, and with every position free they
+    are arccos_schedule itself (integer arithmetic, so the ordinary path is unchanged).
+    """
+    done_S = torch.tensor(arccos_schedule(steps, pn)).cumsum(0)
+    l, free_B1 = pn * pn, free_B.long().view(-1, 1)
+    target_BS = (2 * done_S * free_B1 + l) // (2 * l)                  # rounded, half up
+    return target_BS.diff(dim=1, prepend=torch.zeros_like(free_B1))
+
 # -----------------------------------------------------------------------------
 # sampling helpers
 
@@ -359,14 +374,39 @@ def draw_tokens(probs_Blk, cand_Blk, generator=None):
 def commit(idx_Bl, commit_step_Bl, new_idx_Bl, conf_Bl, n, step):
     """Commit the n positions of highest confidence (ties: lowest position first).
 
-    Positions committed before keep their token and step; only newly committed ones take
+    n: one count for every row, or a count per row (B,) (edits, where rows keep different numbers
+    of tokens). Positions committed before keep their token and step; only newly committed ones take
     new_idx. commit_step holds the step at which each position was committed (-1: not yet).
     """
-    order = torch.sort(conf_Bl, dim=1, descending=True, stable=True).indices[:, :n]
-    chosen = torch.zeros_like(commit_step_Bl, dtype=torch.bool).scatter_(1, order, True)
+    order_Bl = torch.sort(conf_Bl, dim=1, descending=True, stable=True).indices
+    rank_Bl = torch.empty_like(order_Bl).scatter_(1, order_Bl, torch.arange(order_Bl.shape[1]).expand_as(order_Bl))
+    chosen = rank_Bl < torch.as_tensor(n).view(-1, 1)          # the n most confident of each row
     new = chosen & (commit_step_Bl < 0)
     idx_Bl[new] = new_idx_Bl[new]
     commit_step_Bl[new] = step
+
+# -----------------------------------------------------------------------------
+# editing: which tokens of every scale an inpainting / outpainting edit keeps
+
+
+def keep_masks(keep_BHW, patch_nums):
+    """A pixel keep-mask (B, H, W) (True = keep) -> K bool maps (B, pn*pn), one per scale, row-major.
+
+    Token (i, j) of a pn x pn map stands for the pixels F.interpolate(mode='area') averages into it:
+    rows floor(i*H/pn) .. ceil((i+1)*H/pn) - 1, the same for columns. A token is kept when ANY pixel
+    of its footprint is kept (area average > 0). So at the tiny scales, where one token covers both
+    regions, the token is kept: the 1x1 token whenever anything is kept, the middle column of a 3x3
+    map when the left half is kept. Why: the quantizer is residual. A kept 8x8 token does not stand
+    for its pixels; it is the correction on top of the coarse tokens' reconstruction there, so the
+    kept region comes out right only if every coarser token reaching it is the image's own too.
+    Regenerating the straddling ones (keeping only tokens whose whole footprint is kept) put the
+    kept half of a 64px shapes edit off by 87 grey levels on average (a new 1x1 token often means
+    another background colour) against 0.3 this way. The price: the coarse straddling tokens carry
+    the old content into the region to regenerate, and the free tokens of the finer scales must
+    paint over it, which they do (see the README's editing numbers).
+    """
+    keep = keep_BHW.float()[:, None]                                       # (B, 1, H, W)
+    return [F.interpolate(keep, size=(pn, pn), mode='area').flatten(1) > 0 for pn in patch_nums]
 
 # -----------------------------------------------------------------------------
 # the model
@@ -584,7 +624,7 @@ class STAR(nn.Module):
     @torch.no_grad()
     def generate(self, prompt_hidden, prompt_mask, prompt_pooled, empty_hidden, empty_mask, empty_pooled,
                  cfg=4.0, top_k=600, top_p=0.8, generator=None, stable=None, images_per_prompt=1,
-                 return_indices=False, return_scales=False):
+                 return_indices=False, return_scales=False, known_idx=None, keep=None):
         """Generate images scale by scale with a KV cache and classifier-free guidance.
 
         prompt_hidden (B, T, text_dim), prompt_mask (B, T), prompt_pooled (B, text_dim): the text
@@ -603,6 +643,14 @@ class STAR(nn.Module):
         images_per_prompt: images drawn for every prompt (rows i*n .. i*n+n-1 belong to prompt i).
         return_indices: also return the index maps, a list of K LongTensors (B, pn*pn).
         return_scales: also return the image after every scale (list of K images).
+        known_idx, keep: edit an image instead (inpainting, outpainting): known_idx are its index maps
+            (vae.img_to_idx: K LongTensors (1 or B, pn*pn)), keep says which of them to keep (K bool
+            tensors of the same shapes, e.g. keep_masks(pixel_mask, patch_nums)). At every scale the
+            kept positions take the image's tokens before they enter f_hat, so the next scale's input,
+            the KV cache and both guidance rows see them as if the model had drawn them; the model
+            draws the rest conditioned on them and on the prompt. With the sampler head the kept
+            tokens count as committed before the first step. Keeping everything gives the VQ-VAE's
+            reconstruction of the image; keeping nothing the ordinary image of the same seed.
         Returns the images (B, 3, H, W) in [0, 1]; with return_indices / return_scales a tuple
         (images, index maps if asked, per-scale images if asked).
         The VQ-VAE given at construction decodes; its patch_nums must be the model's.
@@ -628,17 +676,41 @@ class STAR(nn.Module):
             t.expand(B, *t.shape[1:]) for t in (empty_hidden, empty_mask, empty_pooled)]
         if images_per_prompt > 1:
             text = [t.repeat_interleave(images_per_prompt, dim=0) for t in text]
+        if (known_idx is None) != (keep is None):
+            raise ValueError("STAR.generate: an edit needs both known_idx (the image's index maps) and keep "
+                             "(which tokens to keep at every scale)")
+        if known_idx is not None:
+            known_idx, keep = self._edit_maps(known_idx, keep, B, images_per_prompt)
         was_training = self.training
         self.eval()
         try:
-            img, idx_list, scale_imgs = self._generate(*text, cfg, top_k, top_p, generator, stable, return_scales)
+            img, idx_list, scale_imgs = self._generate(*text, cfg, top_k, top_p, generator, stable, return_scales,
+                                                       known_idx, keep)
         finally:
             self.train(was_training)
         out = (img,) + ((idx_list,) if return_indices else ()) + ((scale_imgs,) if return_scales else ())
         return out[0] if len(out) == 1 else out
 
+    def _edit_maps(self, known_idx, keep, B, images_per_prompt):
+        """Check an edit's index maps and keep-masks; -> both as K CPU tensors (B * images_per_prompt, l)."""
+        K, V = len(self.config.patch_nums), self.config.vocab_size
+        if len(known_idx) != K or len(keep) != K:
+            raise ValueError(f"STAR.generate: known_idx and keep need one map per scale ({K}), got "
+                             f"{len(known_idx)} and {len(keep)}")
+        maps = []
+        for si, (idx_Bl, keep_Bl, pn) in enumerate(zip(known_idx, keep, self.config.patch_nums)):
+            for name, t in (("known_idx", idx_Bl), ("keep", keep_Bl)):
+                if t.dim() != 2 or t.shape[0] not in (1, B) or t.shape[1] != pn * pn:
+                    raise ValueError(f"STAR.generate: {name}[{si}] has shape {tuple(t.shape)}; expected "
+                                     f"(1 or {B}, {pn * pn}) for the {pn}x{pn} map")
+            if keep_Bl.dtype != torch.bool or not 0 <= int(idx_Bl.min()) <= int(idx_Bl.max()) < V:
+                raise ValueError(f"STAR.generate: keep[{si}] must be bool and known_idx[{si}] token ids in [0, {V})")
+            maps.append([t.cpu().expand(B, -1).repeat_interleave(images_per_prompt, dim=0)
+                         for t in (idx_Bl.long(), keep_Bl)])
+        return [m[0] for m in maps], [m[1] for m in maps]
+
     def _generate(self, prompt_hidden, prompt_mask, prompt_pooled, empty_hidden, empty_mask, empty_pooled,
-                  cfg, top_k, top_p, generator, stable, return_scales):
+                  cfg, top_k, top_p, generator, stable, return_scales, known_idx=None, keep=None):
         config, vae = self.config, self.vae
         dev, dtype = self.pos_start.device, self.pos_start.dtype
         B, N, K = prompt_hidden.shape[0], 2 * prompt_hidden.shape[0], len(config.patch_nums)
@@ -661,10 +733,13 @@ class STAR(nn.Module):
             begin, end = self.begin_ends[si]
             t = cfg * si / (K - 1)                     # guidance ramps from 0 to cfg
             x_NlC = self.trunk_step(si, tokens_NlC, texts, caches)
+            edit = None if keep is None else (known_idx[si], keep[si])       # (B, l) image tokens, keep
             if stable and si >= config.sample_from_idx:
-                idx_Bl, _ = self._stable_scale(si, x_NlC, pooled_ND, cfg, t, top_k, top_p, generator)
+                idx_Bl, _ = self._stable_scale(si, x_NlC, pooled_ND, cfg, t, top_k, top_p, generator, edit)
             else:
                 idx_Bl, _ = draw_tokens(*self.trunk_candidates(x_NlC, t, top_k, top_p), generator)
+            if edit is not None:                       # teacher-force the kept tokens (all were drawn
+                idx_Bl = torch.where(edit[1], edit[0], idx_Bl)   # as usual: same random stream)
             idx_Bl = idx_Bl.to(codebook_VCv.device)
             idx_list.append(idx_Bl)
             h_BChw = codebook_VCv[idx_Bl].transpose(1, 2).reshape(B, config.vae_dim, pn, pn)
@@ -701,7 +776,7 @@ class STAR(nn.Module):
         """One sampler-head pass at scale si with guidance cfg and filters -> (probs, token ids) (B, l, k)."""
         return filter_logits(guide(self.head_forward(x_NlC, e_NlCv, pooled_ND, si), cfg), top_k, top_p)
 
-    def _stable_scale(self, si, x_NlC, pooled_ND, cfg, t, top_k, top_p, generator):
+    def _stable_scale(self, si, x_NlC, pooled_ND, cfg, t, top_k, top_p, generator, edit=None):
         """Causal-driven stable sampling of one scale (the reference's '1024' variant).
 
         The pn*pn tokens are committed over S steps following the arccos schedule. At the leading
@@ -712,6 +787,9 @@ class STAR(nn.Module):
         full guidance cfg. The first stable_random_steps steps commit uncommitted positions in a
         random order, the later ones by the drawn token's probability. Every random number comes
         from `generator` (the reference also uses unseeded global RNGs, so its images vary).
+        edit: (image tokens, keep) (B, l) each, or None. Kept positions hold the image's tokens and
+        count as committed before the first step (commit step 0), so the head sees them from its first
+        pass; the schedule then spreads each row's free positions over the same steps (free_schedule).
         Returns the index map (B, l) and the step at which each position was committed (B, l).
         """
         config = self.config
@@ -722,8 +800,13 @@ class STAR(nn.Module):
         codebook_VCv = self.vae.quantize.embedding.weight
         idx_Bl = torch.zeros(B, pn * pn, dtype=torch.long)
         commit_step_Bl = torch.full((B, pn * pn), -1)
+        schedule = arccos_schedule(steps, pn)
+        if edit is not None:
+            idx_Bl = torch.where(edit[1], edit[0], idx_Bl)
+            commit_step_Bl[edit[1]] = 0
+            schedule = free_schedule(steps, pn, (~edit[1]).sum(1)).T    # (steps, B): a count per row
         trunk_cand = None
-        for s, n in enumerate(arccos_schedule(steps, pn)):
+        for s, n in enumerate(schedule):
             if s < trunk_steps:
                 if trunk_cand is None:                 # the trunk's logits do not change within a scale
                     trunk_cand = self.trunk_candidates(x_NlC, t, top_k, top_p)

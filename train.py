@@ -12,7 +12,8 @@ Data is the synthetic world of shapes.py, rendered on the fly (--data shapes), o
 with captions (--data DIR: `metadata.jsonl` lines {"file_name", "text"}, or `name.txt` beside each image).
 Every stage writes one self-contained checkpoint OUT/<stage>.pt (configs, tokenizer merges, text encoder,
 VQ-VAE, STAR, optimizer, step, RNG states), atomically, every --ckpt-every steps and at the end;
-`--resume` continues exactly where a killed run stopped. sample.py reads these files.
+`--resume` continues exactly where a killed run stopped, with the flags the run recorded. The token pool
+OUT/tokens.pt records what it was made from and is made again when that changes. sample.py reads these files.
 
   python train.py --out runs/shapes                      # all stages, shapes world, CPU or one GPU
   torchrun --nproc_per_node=2 train.py --out runs/shapes # several processes (gloo on CPU, nccl on GPU)
@@ -23,6 +24,7 @@ VQ-VAE, STAR, optimizer, step, RNG states), atomically, every --ckpt-every steps
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -38,16 +40,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import cli
+from cli import Parser, UserError, positive_int
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from sample import SHAPES_SAMPLING
 from star import STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig, reconstruction_loss
 
 STAGES = ("vae", "star", "head")
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file): printed as one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,14 +74,24 @@ class ImageFolder:
         items = []
         meta = root / "metadata.jsonl"
         if meta.exists():
-            for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            # utf-8-sig: Windows editors start the file with a byte-order mark
+            for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
-                    items.append((root / rec["file_name"], str(rec["text"])))
+                    name, text = rec["file_name"], rec["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text'")
+                    raise UserError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text'") from None
+                if not isinstance(name, str) or not isinstance(text, str):
+                    raise UserError(f"{meta}:{n}: 'file_name' and 'text' must be strings, got "
+                                    f"{type(name).__name__} and {type(text).__name__}")
+                # only files inside the data folder are read: no absolute paths, no way out through '..'
+                rel = os.path.normpath(name)
+                if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+                    raise UserError(f"{meta}:{n}: file_name {name!r} points outside {root}; give a path "
+                                    "relative to the data folder")
+                items.append((root / rel, text))
         else:
             for p in sorted(root.iterdir()):
                 if p.suffix.lower() in self.EXTS:
@@ -108,6 +118,12 @@ class ImageFolder:
             raise UserError(f"--data {root}: no usable images with captions found "
                             "(need metadata.jsonl or an image.txt caption beside each image)")
         self.items = good
+        # what the data is, for the files made from it (the token pool): the folder, and every image's
+        # name, size and caption
+        h = hashlib.sha256()
+        for path, text in good:
+            h.update(f"{path.relative_to(root)}\0{path.stat().st_size}\0{text}\0".encode())
+        self.identity = f"{root.resolve()} ({len(good)} images, {resolution}px, {h.hexdigest()[:16]})"
 
     def load(self, path):
         try:
@@ -125,6 +141,10 @@ class ImageFolder:
     def captions(self, seed):
         return [t for _, t in self.items]
 
+    def preview_captions(self, n=8):
+        """Captions of the preview grids: the user's own, the first n of the folder."""
+        return [t for _, t in self.items[:n]]
+
     def batch(self, batch_size, rng):
         pick = rng.integers(0, len(self.items), size=batch_size)
         imgs = torch.stack([self.load(self.items[i][0]) for i in pick])
@@ -132,9 +152,14 @@ class ImageFolder:
 
 
 class ShapesData:
+    identity = "shapes"
+
     def __init__(self):
         import shapes
         self.shapes = shapes
+
+    def preview_captions(self, n=8):
+        return PREVIEW[:n]
 
     def batch(self, batch_size, rng):
         return self.shapes.sample_batch(batch_size, rng)
@@ -145,25 +170,67 @@ class ShapesData:
         return [self.shapes.caption(self.shapes.random_scene(rng)) for _ in range(n)]
 
 
+def weights_fingerprint(state_dict):
+    """A short hash of a state dict's names, shapes and values: which weights made a derived file."""
+    h = hashlib.sha256()
+    for name, t in sorted(state_dict.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pool_source(data, vae, n, seed):
+    """What a token pool is made from; a pool whose record differs is tokenized again."""
+    return {"vae": weights_fingerprint(vae.state_dict()), "vae_config": json.loads(json.dumps(config_dict(vae.config))),
+            "data": data.identity, "pool": n, "seed": seed}
+
+
+def stale_pool(pool, source):
+    """Why a pool read from disk cannot be used with `source`, or None when it can."""
+    if not isinstance(pool, dict) or not {"idx", "captions"} <= pool.keys():
+        return None                                  # not a pool at all: reported by the caller
+    made = pool.get("made_from")
+    if not isinstance(made, dict):
+        return "it does not record what it was made from (written by an older train.py)"
+    what = {"vae": "another VQ-VAE", "vae_config": "another VQ-VAE", "data": f"other data ({made.get('data')})",
+            "pool": f"--pool {made.get('pool')}", "seed": f"--seed {made.get('seed')}"}
+    diff = [what[k] for k in source if made.get(k) != source[k]]
+    return f"it was made from {', '.join(dict.fromkeys(diff))}" if diff else None
+
+
 def token_pool(data, vae, n, seed, path, dev, rank, world, quiet=False):
     """Tokenize n training samples once: (idx (n, L) int16, captions).
 
     The frozen VQ-VAE's encoder costs as much as a small STAR's whole training step on a CPU, and it
     gives the same tokens for the same image every time, so the STAR and head stages draw their
-    batches from this pool instead of encoding every batch. Saved beside the checkpoints for --resume.
+    batches from this pool instead of encoding every batch. Saved beside the checkpoints for --resume,
+    with a record of what it was made from (VQ-VAE weights, data, size, seed): a pool made by another
+    configuration is never used, it is tokenized again with a line saying why.
     """
     path = Path(path)
-    if rank == 0 and not path.exists():
-        idx, caps = [], []
-        for i in tqdm(range(0, n, 64), desc="tokenizing", dynamic_ncols=True, disable=quiet):
-            img, c = data.batch(min(64, n - i), batch_rng(seed, i, 0, stream=3))
-            with torch.no_grad():
-                idx.append(torch.cat(vae.img_to_idx(img.to(dev)), 1).to(torch.int16).cpu())
-            caps += c
-        save_atomic({"idx": torch.cat(idx), "captions": caps}, path)
+    source = pool_source(data, vae, n, seed)
+    pool = None
+    if rank == 0:
+        if path.exists():
+            pool = read_weights(path)
+            why = stale_pool(pool, source)
+            if why:
+                print(f"{path}: {why}; tokenizing again for this run", flush=True)
+                pool = None
+        if pool is None:
+            idx, caps = [], []
+            for i in tqdm(range(0, n, 64), desc="tokenizing", dynamic_ncols=True, disable=quiet):
+                img, c = data.batch(min(64, n - i), batch_rng(seed, i, 0, stream=3))
+                with torch.no_grad():
+                    idx.append(torch.cat(vae.img_to_idx(img.to(dev)), 1).to(torch.int16).cpu())
+                caps += c
+            pool = {"idx": torch.cat(idx), "captions": caps, "made_from": source}
+            save_atomic(pool, path)
     if world > 1:
         dist.barrier()
-    pool = read_weights(path)
+        if rank != 0:
+            pool = read_weights(path)
     if not isinstance(pool, dict) or not {"idx", "captions"} <= pool.keys():
         raise UserError(f"{path}: not a token pool written by train.py; delete it to tokenize again")
     return pool["idx"], pool["captions"]
@@ -180,8 +247,12 @@ def save_atomic(obj, path):
     """Write to a temporary file in the same folder, then os.replace: a kill never leaves half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:   # a full disk, a folder in the way, Ctrl-C: no half-written .tmp stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_weights(path):
@@ -311,11 +382,20 @@ def lr_at(step, total, base, warmup):
 
 
 def make_optimizer(net, lr, weight_decay):
-    """AdamW; decay on matrices only (not on biases, norms, embeddings' scale terms)."""
+    """AdamW with weight decay on the weight matrices of Linear and Conv layers, and on nothing else.
+
+    Decay pulls a parameter toward 0, which is a prior only for matrices. The rest keeps its value:
+    biases and norm gains; embedding tables (text tokens and positions, scale embeddings, the VQ
+    codebook); the start tokens (pos_start, pos_start_last); and the attention temperatures
+    scale_mul_1H11, which are log-scales: decaying them toward 0 means a softmax temperature of 1 on
+    cosine scores in [-1, 1], i.e. nearly uniform attention (the reference excludes them too).
+    """
     decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name and "pos_start" not in name else no_decay).append(p)
+    for module in net.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                is_matrix = name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d))
+                (decay if is_matrix else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
@@ -351,8 +431,12 @@ def save_grid(img_N3HW, path, cols=8):
         grid[:, (i // cols) * H:(i // cols + 1) * H, (i % cols) * W:(i % cols + 1) * W] = im
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     tmp = Path(path).with_suffix(".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def evaluate_shapes(parts, n, dev, stable, seed=0):
@@ -383,6 +467,9 @@ def run_stage(stage, args, dev, rank, world, prev):
             raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out")
         resume = load_checkpoint(path, (stage,))
         if resume["step"] >= steps:
+            if rank == 0:
+                print(f"{stage}: already trained to step {resume['step']} (--{stage}-steps {steps}) in {path}; "
+                      "nothing to do for this stage", flush=True)
             return resume
     torch.manual_seed(seed + rank)
     # a resumed stage rebuilds every module from its own checkpoint, the tokenizer included
@@ -476,7 +563,8 @@ def run_stage(stage, args, dev, rank, world, prev):
                         parts["vae"].quantize.idx_to_fhat(parts["vae"].img_to_idx(img[:8])))]).add(1).div(2),
                         out / f"{stage}_{done:06d}.png")
                 else:
-                    save_grid(generate(parts, PREVIEW, 0, dev, stable=stage == "head", **SHAPES_SAMPLING),
+                    save_grid(generate(parts, data.preview_captions(), 0, dev, stable=stage == "head",
+                                       **SHAPES_SAMPLING),
                               out / f"{stage}_{done:06d}.png")
             if args.eval_every and args.data == "shapes" and stage != "vae" and \
                     (done % args.eval_every == 0 or done == steps):
@@ -495,6 +583,7 @@ def run_stage(stage, args, dev, rank, world, prev):
         check_replicas(net, stage, world, log)
     if log:
         log.close()
+        print(f"{stage}: trained to step {steps}; wrote {path}", flush=True)
     if world > 1:
         dist.barrier()
     return load_checkpoint(path, (stage,))
@@ -527,28 +616,54 @@ PREVIEW = ["a large red circle on the left on a white background", "a small blue
            "a green circle below a yellow triangle on a gray background", "a blue square to the right of a red triangle"]
 
 
+def check_export_destination(src, dst):
+    """--export never writes over its source or over a checkpoint a run could continue from."""
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir():
+        raise UserError(f"--export {dst}: is a folder; give a file name such as {dst / 'model.pt'}")
+    if dst.exists() and os.path.samefile(src, dst):
+        raise UserError(f"--export {src} {dst}: the destination is the source; writing the bundle there would "
+                        "destroy the resumable checkpoint; give another file name")
+    run_files = [dst.parent / n for n in ("log.txt", "tokens.pt", *(f"{s}.pt" for s in STAGES))]
+    if dst.name in {f"{s}.pt" for s in STAGES} and any(f.exists() for f in run_files):
+        raise UserError(f"--export {dst}: that name is one of the checkpoints of the run in {dst.parent}; "
+                        "give another file name")
+    if dst.is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                old = torch.load(dst, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            old = None       # not something train.py could continue from
+        if isinstance(old, dict) and "optimizer" in old:
+            raise UserError(f"--export {dst}: holds a resumable training checkpoint (step {old.get('step')}); "
+                            "give another file name")
+
+
 def export(src, dst):
     """Strip optimizer and RNG state and store float weights in half precision (the bundled model)."""
     ck = load_checkpoint(src, ("star", "head"))
+    check_export_destination(src, dst)
     for k in ("optimizer", "rng", "vae_code_hits"):
         ck.pop(k, None)
     for k in ("vae", "text_encoder", "star"):
         if k in ck:
             ck[k] = {n: t.half() if t.is_floating_point() else t for n, t in ck[k].items()}
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(ck, dst)
+    try:
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(ck, dst)
+    except OSError as e:
+        raise UserError(f"--export {dst}: cannot write there ({e.strerror or e}); choose a writable file") from None
     return Path(dst).stat().st_size
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other mistake this script reports
-        raise UserError(f"{message} (see --help)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring as written and shows every flag's default (if it has one)."""
 
-
-def positive_int(text):
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def int_list(text):
@@ -558,54 +673,157 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3,4,6,8, got {text!r}")
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# --resume continues a run with the settings it was started with (read from its furthest checkpoint).
+# Only these flags may be given with other values; every other one shapes the data, the models or the
+# optimisation, and giving it with another value is an error. --out, --resume and --export are not settings.
+RESUME_MAY_CHANGE = ("stage", "vae_steps", "star_steps", "head_steps", "vae_lr", "lr", "head_lr", "grad_clip",
+                     "ckpt_every", "sample_every", "eval_every", "eval_n", "log_every", "device", "quiet")
+NOT_SETTINGS = ("out", "resume", "export")
+PATH_SETTINGS = ("data", "vae", "text_encoder", "tokenizer")
+STEPS_FLAG = {"vae": "vae_steps", "star": "star_steps", "head": "head_steps"}
+# the sizes a later stage takes over from the checkpoint of the stage before it
+VAE_SETTINGS = ("resolution", "patch_nums", "vocab_size", "vae_ch", "vae_res_blocks")
+STAR_SETTINGS = VAE_SETTINGS + ("depth", "width", "head_from", "text_vocab", "text_width", "text_layers",
+                                "text_context", "text_encoder", "tokenizer")
+
+
+def build_parser():
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/shapes", help="folder for checkpoints, log.txt and sample grids")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
     p.add_argument("--data", default="shapes", help="'shapes' (synthetic world) or a folder of captioned images")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoints found in --out")
-    p.add_argument("--export", nargs=2, metavar=("SRC", "DST"), help="write a half-precision bundle and exit")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    may_change = ", ".join("--" + d.replace("_", "-") for d in RESUME_MAY_CHANGE)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with the settings it was started with (its checkpoints "
+                        f"record them); only {may_change} may be given with other values, any other flag that "
+                        "differs is an error. With no checkpoint in --out yet, a new run starts (and says so)")
+    p.add_argument("--export", nargs=2, metavar=("SRC", "DST"),
+                   help="write a half-precision bundle of checkpoint SRC to the new file DST and exit")
+    p.add_argument("--seed", type=cli.int_range(0, 2**32 - 1, what="a seed in [0, 2**32 - 1]"), default=0,
+                   help="seed of the data order, initial weights and caption dropout")
+    p.add_argument("--resolution", type=cli.int_range(8, 8192), default=64, help="image side in pixels")
     p.add_argument("--patch-nums", type=int_list, default=[1, 2, 3, 4, 6, 8],
                    help="token-map sides, coarse to fine; the last equals resolution / 8")
-    p.add_argument("--vocab-size", type=int, default=512, help="VQ codebook size")
-    p.add_argument("--vae-ch", type=int, default=32, help="VQ-VAE base width (multiple of 8)")
-    p.add_argument("--vae-res-blocks", type=int, default=1, help="res-blocks per VQ-VAE encoder level")
-    p.add_argument("--depth", type=int, default=4, help="STAR blocks")
-    p.add_argument("--width", type=int, default=128, help="STAR width (multiple of 64)")
-    p.add_argument("--head-from", type=int, default=4, help="first scale sampled by the stable-sampling head")
-    p.add_argument("--text-vocab", type=int, default=600, help="BPE vocabulary learned from the captions")
-    p.add_argument("--text-width", type=int, default=128)
-    p.add_argument("--text-layers", type=int, default=2)
-    p.add_argument("--text-context", type=int, default=32, help="text tokens incl. start/end (CLIP: 77)")
+    # the token pool stores ids as int16
+    p.add_argument("--vocab-size", type=cli.int_range(2, 32768), default=512, help="VQ codebook size")
+    p.add_argument("--vae-ch", type=cli.int_range(8, 4096), default=32, help="VQ-VAE base width (multiple of 8)")
+    p.add_argument("--vae-res-blocks", type=cli.int_range(1, 64), default=1,
+                   help="res-blocks per VQ-VAE encoder level")
+    p.add_argument("--depth", type=cli.int_range(1, 1024), default=4, help="STAR blocks")
+    p.add_argument("--width", type=cli.int_range(64, 65536), default=128, help="STAR width (multiple of 64)")
+    p.add_argument("--head-from", type=cli.int_range(1, 1024), default=4,
+                   help="first scale (index into --patch-nums) sampled by the stable-sampling head")
+    p.add_argument("--text-vocab", type=cli.int_range(1, 2**20), default=600,
+                   help="BPE vocabulary learned from the captions")
+    p.add_argument("--text-width", type=cli.int_range(64, 65536), default=128,
+                   help="text encoder width (multiple of 64)")
+    p.add_argument("--text-layers", type=cli.int_range(1, 1024), default=2, help="text encoder blocks")
+    p.add_argument("--text-context", type=cli.int_range(8, 65536), default=32,
+                   help="text tokens incl. start/end (CLIP: 77); at least 8, room for 6 caption tokens")
     p.add_argument("--pool", type=positive_int, default=24000, help="training samples tokenized once for STAR/head")
     p.add_argument("--text-encoder", default=None, help="released CLIP text encoder folder (frozen)")
     p.add_argument("--tokenizer", default=None, help="BPE file or tokenizer folder for --text-encoder")
     p.add_argument("--vae", default=None,
                    help="released VQ-VAE weights (VAR's vae_ch160v4096z32.pth) to use frozen instead of the vae stage")
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
-    p.add_argument("--vae-steps", type=positive_int, default=4000)
-    p.add_argument("--star-steps", type=positive_int, default=17000)
-    p.add_argument("--head-steps", type=positive_int, default=1200)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--head-lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    p.add_argument("--grad-clip", type=float, default=2.0)
-    p.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout to '' for guidance")
-    p.add_argument("--vae-ae-frac", type=float, default=0.3, help="first fraction of VQ-VAE steps without the quantizer")
+    p.add_argument("--vae-steps", type=positive_int, default=4000, help="training steps of the vae stage")
+    p.add_argument("--star-steps", type=positive_int, default=17000, help="training steps of the star stage")
+    p.add_argument("--head-steps", type=positive_int, default=1200, help="training steps of the head stage")
+    rate = cli.bounded_float(0, 1, lo_open=True)     # AdamW moves every weight by about this much per step
+    p.add_argument("--vae-lr", type=rate, default=1e-3, help="peak learning rate, vae stage")
+    p.add_argument("--lr", type=rate, default=1.5e-3, help="peak learning rate, star stage")
+    p.add_argument("--head-lr", type=rate, default=5e-4, help="peak learning rate, head stage")
+    p.add_argument("--weight-decay", type=cli.bounded_float(0, 1), default=0.05,
+                   help="AdamW weight decay of the matrices")
+    p.add_argument("--warmup", type=cli.non_negative_int, default=200,
+                   help="linear warm-up steps of every stage (at most its step count), then cosine decay")
+    p.add_argument("--grad-clip", type=cli.bounded_float(0, 10000, lo_open=True), default=2.0,
+                   help="clip the gradient's global norm to this")
+    p.add_argument("--cond-drop", type=cli.bounded_float(0, 0.99), default=0.1,
+                   help="fraction of captions dropped to '' (teaches the unconditional model of guidance)")
+    p.add_argument("--vae-ae-frac", type=cli.bounded_float(0, 0.99), default=0.3,
+                   help="first fraction of VQ-VAE steps without the quantizer")
     p.add_argument("--reseed-every", type=positive_int, default=25, help="re-seed dead codes every N VQ-VAE steps")
     p.add_argument("--ckpt-every", type=positive_int, default=250, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--sample-every", type=int, default=1000, help="write a preview grid every N steps (0: never)")
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="judge N held-out shapes captions every N steps and log the accuracy (0: never)")
+    p.add_argument("--sample-every", type=cli.non_negative_int, default=1000,
+                   help="write a preview grid every N steps (0: never); --data DIR previews its first 8 captions")
+    p.add_argument("--eval-every", type=cli.non_negative_int, default=0,
+                   help="judge --eval-n held-out shapes captions every N steps and log the accuracy (0: never; "
+                        "needs --data shapes)")
     p.add_argument("--eval-n", type=positive_int, default=100, help="captions per evaluation")
-    p.add_argument("--log-every", type=positive_int, default=50)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--log-every", type=positive_int, default=50, help="write a log.txt line every N steps")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: cuda, then mps, then cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def flags_given(argv):
+    """The settings named on the command line (parsed again with every default suppressed)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def same_setting(dest, a, b):
+    if a == b:
+        return True
+    if dest in PATH_SETTINGS and a and b and os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)       # the same folder or file, spelled another way
+    return False
+
+
+def show_setting(value):
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def adopt_settings(p, args, given, path, dests):
+    """Set `dests` to the values recorded in checkpoint `path`; returns the flags given with other values."""
+    saved = load_checkpoint(path, (path.stem,)).get("args", {})
+    flag = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+    clash = []
+    for dest in dests:
+        if dest not in saved:                        # a flag newer than the checkpoint
+            continue
+        if dest in given and not same_setting(dest, getattr(args, dest), saved[dest]):
+            was = (f"works on {saved[dest]}x{saved[dest]} images" if dest == "resolution" else
+                   f"has {show_setting(saved[dest])}")
+            clash.append(f"{flag[dest]} {show_setting(getattr(args, dest))} (the run {was})")
+        setattr(args, dest, saved[dest])
+    return clash
+
+
+def run_settings(p, args, given):
+    """The settings in effect, so that the checkpoints record what was used.
+
+    --resume: the run's settings (from its furthest checkpoint) are the defaults; a flag given with
+    another value is an error unless it is one of RESUME_MAY_CHANGE. --stage star or head without
+    --resume starts from the previous stage's checkpoint, whose model sizes are kept the same way.
+    """
+    out = Path(args.out)
+    if args.resume:
+        found = [out / f"{s}.pt" for s in reversed(STAGES) if (out / f"{s}.pt").exists()]
+        if not found:
+            return args                              # nothing to resume: main() says so
+        clash = adopt_settings(p, args, given, found[0], [d for d in vars(args) if d not in NOT_SETTINGS and not
+                                                           (d in given and d in RESUME_MAY_CHANGE)])
+        if clash:
+            raise UserError(f"--resume: {'; '.join(clash)}: a resumed run keeps the data and architecture it was "
+                            f"started with ({found[0]}); drop the flag, or start a new run in another --out")
+    elif args.stage in ("star", "head") and not args.vae:
+        before = out / ("vae.pt" if args.stage == "star" else "star.pt")
+        if before.is_file():
+            clash = adopt_settings(p, args, given, before,
+                                   VAE_SETTINGS if args.stage == "star" else STAR_SETTINGS)
+            if clash:
+                raise UserError(f"--stage {args.stage}: {'; '.join(clash)}: this stage continues from {before} "
+                                "and keeps the sizes it was trained with; drop the flag")
+    return args
+
+
+def check_settings(p, args):
+    """Checks that involve several flags, on the settings in effect (after --resume filled them in)."""
     if args.text_encoder and not args.tokenizer:
         p.error("--text-encoder needs --tokenizer (the BPE file or tokenizer folder that goes with it)")
     if not args.vae and args.patch_nums[-1] * 8 != args.resolution:   # our VQ-VAE downsamples 8x
@@ -615,6 +833,30 @@ def parse_args(argv=None):
         p.error(f"--resolution {args.resolution}: the shapes world is drawn at 64x64; use 64 or --data DIR")
     if args.width % 64:
         p.error(f"--width {args.width}: expected a multiple of 64 (the attention heads are 64 wide)")
+    if args.text_width % 64:
+        p.error(f"--text-width {args.text_width}: expected a multiple of 64 (the attention heads are 64 wide)")
+    if args.vae_ch % 8:
+        p.error(f"--vae-ch {args.vae_ch}: expected a multiple of 8 (GroupNorm with 8 groups)")
+    if not args.head_from < len(args.patch_nums):
+        p.error(f"--head-from {args.head_from}: expected a scale index from 1 to {len(args.patch_nums) - 1} "
+                f"(--patch-nums has {len(args.patch_nums)} scales)")
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        steps = getattr(args, STEPS_FLAG[stage])
+        if args.warmup > steps and not (stage == "vae" and args.vae):
+            p.error(f"--warmup {args.warmup}: more warm-up steps than --{stage}-steps {steps}; "
+                    f"use at most {steps}")
+    if args.eval_every and args.data != "shapes":
+        p.error(f"--eval-every {args.eval_every}: the evaluation judges shapes-world captions, so it needs "
+                "--data shapes; leave it at 0 with --data DIR")
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.export:
+        return args
+    args = run_settings(p, args, flags_given(argv))
+    check_settings(p, args)
     return args
 
 
@@ -634,6 +876,9 @@ def main(argv=None):
         size = export(*args.export)
         print(f"wrote {args.export[1]} ({size / 2**20:.1f} MiB)")
         return
+    # CPU threads: 1 for small models (the default run), whose ops are too short to share among threads and
+    # wait for a core at every op when another process is busy; the free cores for large ones
+    cli.set_threads(None, 12 * args.depth * args.width ** 2)      # the trunk's parameters, roughly
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -649,6 +894,9 @@ def main(argv=None):
         probe.unlink()
     except OSError as e:
         raise UserError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+    if args.resume and rank == 0 and not any((out / f"{s}.pt").exists() for s in STAGES):
+        print(f"--resume: {out} holds no checkpoint (vae.pt, star.pt or head.pt) to continue; "
+              "starting a new run there", flush=True)
     prev, stages = None, STAGES if args.stage == "all" else (args.stage,)
     if args.vae:    # a released VQ-VAE (e.g. VAR's vae_ch160v4096z32.pth) replaces the vae stage, frozen
         if "vae" in stages and args.stage == "vae":
@@ -661,18 +909,17 @@ def main(argv=None):
             before = STAGES[STAGES.index(stage) - 1]
             prev = load_checkpoint(out / f"{before}.pt", (before,))
         prev = run_stage(stage, args, dev, rank, world, prev)
+    if rank == 0:
+        if stages[-1] == "head":
+            print(f"the run in {out} is complete; python train.py --export {out / 'head.pt'} model.pt "
+                  "writes the bundle for sample.py", flush=True)
+        else:
+            print(f"stopped after the {stages[-1]} stage as asked (--stage {args.stage}); "
+                  f"--stage {STAGES[STAGES.index(stages[-1]) + 1]} continues the run", flush=True)
     if world > 1:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     # user mistakes, and the ValueError/OSError that the model files raise for bad inputs, become one line
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    try:
-        main()
-    except (UserError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; continue from the last checkpoint with --resume", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli.run_command(main, interrupted="interrupted; continue from the last checkpoint with --resume"))

@@ -1,6 +1,8 @@
 """Tests for bench.py: the analytic FLOP counts against torch's own count of the same run, then the
 command end to end on a CPU (demo size, one timed call): text and JSON output, training, checkpoints."""
 import json
+import os
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -9,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+from conftest import assert_user_error, run_in_process, run_script
 from star import STAR
 from tokenizer import VQVAE
 
@@ -126,13 +129,83 @@ def test_checkpoint_and_errors(demo, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "shapes.pt" and [r["stable"] for r in out["results"]] == [True]
     assert out["results"][0]["sampling"] == dict(cfg=3.0, top_k=7, top_p=0.0)
-    with pytest.raises(FileNotFoundError, match="no-such.pt"):
-        bench.main(['--ckpt', str(tmp_path / "no-such.pt")] + FAST[2:])
-    with pytest.raises(ValueError, match="no sampler head"):
-        bench.main(['--preset', 'star-256-d16', '--stable', '--device', 'cpu'])
-    with pytest.raises(SystemExit):
-        bench.main(FAST + ['--iters', '0'])
     assert "not found" in bench.bench_sample_command("a red circle", 1, tmp_path / "no-such.pt")["skipped"]
+
+# ---------------------------------------------------------------- bad inputs: one line, exit code 2
+
+
+def test_bad_inputs_catalogue(demo, tmp_path, capsys):
+    """Every mistake is one 'error:' line and exit code 2 (in this process through cli.run_command, as the
+    script runs main), and nothing runs that a file holds."""
+    from test_sample import build_tiny_checkpoint, hostile_pickle
+    good = build_tiny_checkpoint(tmp_path / "good.pt")
+    (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:5000])
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    marker = tmp_path / "PWNED"
+    cases = [
+        (["--ckpt", tmp_path / "image.png"], "image.png is not a plain weights file"),
+        (["--ckpt", tmp_path / "notes.txt"], "notes.txt is not a plain weights file"),
+        (["--ckpt", tmp_path / "trunc.pt"], "trunc.pt could not be read", "truncated"),
+        (["--ckpt", hostile_pickle(tmp_path / "evil.pt", marker)], "evil.pt is not a plain weights file"),
+        (["--ckpt", hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False)], "not a plain weights file"),
+        (["--ckpt", build_tiny_checkpoint(tmp_path / "vae.pt", stage="vae")], "holds a 'vae' checkpoint",
+         "star or head stage"),
+        (["--ckpt", tmp_path / "missing.pt"], "--ckpt", "missing.pt: no such file"),
+        (["--ckpt", tmp_path], "no such file"),
+        (["--ckpt", good, "--preset", "star-256-d16"], "either --preset or --ckpt"),
+        (["--threads", "0"], "--threads 0: expected a number of threads >= 1"),
+        (["--threads", "-1"], "--threads -1: expected"),
+        (["--threads", "two"], "--threads two: expected"),
+        (["--batch-size", "0"], "--batch-size 0: expected a positive integer"),
+        (["--iters", "0"], "--iters 0: expected a positive integer"),
+        (["--warmup", "-1"], "--warmup -1: expected a whole number >= 0"),
+        (["--cfg", "inf"], "--cfg inf: expected a number in [0, 100]"),
+        (["--cfg", "1e30"], "--cfg 1e30: expected a number in [0, 100]"),
+        (["--top-k", "1e3"], "--top-k 1e3: expected a whole number >= 0"),
+        (["--top-p", "nan"], "--top-p nan: expected a number in [0, 1]"),
+        (["--peak-tflops", "0"], "--peak-tflops 0: expected a number in (0, 1e+06]"),
+        (["--preset", "star-2048"], "--preset: invalid choice: 'star-2048'"),
+        (["--preset", "star-256-d16", "--stable"], "no sampler head"),
+        (["--device", "tpu"], "--device: invalid choice"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ]
+    for argv, *fragments in cases:
+        code, out, err = run_in_process(bench.main, ["--device", "cpu", *argv], capsys)
+        assert_user_error(code, err, *fragments)
+        assert out == ""
+    assert not marker.exists()
+
+
+def test_bad_inputs_as_a_user_runs_them(tmp_path):
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    assert_user_error(*run_script("bench.py", "--threads", "-1")[::2], "--threads -1: expected")
+    assert_user_error(*run_script("bench.py", "--ckpt", tmp_path / "image.png", "--device", "cpu")[::2],
+                      "not a plain weights file")
+
+
+def test_threads_follow_the_model_size_and_busy_runs_a_competitor(capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    bench.main(FAST[:-2] + ['--no-stable', '--json', '--busy'])
+    out = json.loads(capsys.readouterr().out)
+    assert out["threads"] == 1 and out["busy"] is True          # the demo model is small: one thread
+    with bench.competing_process(True):
+        assert len(spinners()) == 1                                  # one child spinning while timing ...
+    assert spinners() == []                                          # ... and gone afterwards
+
+
+def spinners():
+    """This process's children that run the competing loop (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"while True" in cmd:
+            found.append(stat.parent.name)
+    return found
 
 # ---------------------------------------------------------------- torch.compile
 

@@ -3,9 +3,13 @@ then the command line on a tiny random checkpoint in train.py's format (files, s
 error a user can make (one 'error:' line on stderr, exit code 2, no traceback)."""
 import dataclasses
 import json
+import re
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from PIL import Image
 
 import sample
 from clip_text import TextConfig, TextEncoder, Tokenizer
-from conftest import BPE_PATH, FIXTURES, Payload, ROOT, need_shared
+from conftest import BPE_PATH, FIXTURES, Payload, ROOT, assert_user_error, need_shared, run_script, terminal_lines
 from star import PRESETS, STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
 
@@ -143,11 +147,12 @@ def test_prompts_file_writes_images_in_order(ckpt, tmp_path, capsys):
     assert sorted(p.name for p in out_dir.glob("[0-9]*.png")) == ["000.png", "001.png", "002.png"]
     assert (out_dir / "prompts.txt").read_text().splitlines() == prompts
     assert png(out_dir / "grid.png").shape == (2 * 64 + 2, 2 * 64 + 2, 3)
-    # file i is prompt i: the same image as that prompt generated on its own
+    # file i is prompt i; each batch draws from its own seed, the first from --seed itself (as generate())
     pipe = sample.load_pipeline(ckpt)
-    alone = pipe.generate(prompts, seed=0, batch_size=2)
+    streamed = np.concatenate([images for _, images, _ in pipe.generate_batches(prompts, seed=0, batch_size=2)])
+    assert np.array_equal(streamed[:2], pipe.generate(prompts, seed=0, batch_size=2)[:2])
     for i in range(3):
-        assert np.array_equal(png(out_dir / f"{i:03d}.png"), alone[i])
+        assert np.array_equal(png(out_dir / f"{i:03d}.png"), streamed[i])
 
 
 def test_save_scales_writes_the_coarse_to_fine_strip(ckpt, tmp_path, capsys):
@@ -218,13 +223,13 @@ def assert_error(capsys, argv, *fragments):
     return lines[0]
 
 
-@pytest.mark.parametrize("flag, value, fragment", [("--top-p", "1.5", "--top-p 1.5: expected a value in [0, 1]"),
+@pytest.mark.parametrize("flag, value, fragment", [("--top-p", "1.5", "--top-p 1.5: expected a number in [0, 1]"),
                                                    ("--top-p", "-0.1", "in [0, 1]"),
-                                                   ("--top-k", "-1", "--top-k -1: expected a value >= 0"),
-                                                   ("--cfg", "-2", "--cfg -2.0: expected a value >= 0"),
-                                                   ("--num-images", "0", "--num-images 0: expected a value >= 1"),
+                                                   ("--top-k", "-1", "--top-k -1: expected a whole number >= 0"),
+                                                   ("--cfg", "-2", "--cfg -2: expected a number in [0, 100]"),
+                                                   ("--num-images", "0", "--num-images 0: expected a positive integer"),
                                                    ("--batch-size", "0", "--batch-size 0"),
-                                                   ("--top-k", "many", "invalid int value"),
+                                                   ("--top-k", "many", "--top-k many: expected a whole number >= 0"),
                                                    ("--patch-nums", "1,3,2", "must grow strictly")])
 def test_bad_flag_values(ckpt, flag, value, fragment, capsys):
     assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", flag, value], fragment)
@@ -340,10 +345,260 @@ def test_device_and_memory_errors(ckpt, tmp_path, monkeypatch, capsys):
             raise exc
         monkeypatch.setattr(STAR, "generate", oom)
         assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"],
-                     "out of memory on cpu generating 1 64px images at once", "--batch-size 1")
+                     "out of memory on cpu generating 1 64px images at once", "more memory, or a smaller model")
 
 
 def test_stable_sampling_needs_a_trained_head(tmp_path, capsys):
     star_stage = build_tiny_checkpoint(tmp_path / "star.pt", stage="star")
     assert_error(capsys, ["--ckpt", star_stage, "--prompt", "x", "--stable"], "not trained yet", "stable sampling off")
     assert_error(capsys, [*fixture_args(), "--prompt", "x", "--stable"], "has none", "--no-stable")
+
+# ---------------------------------------------------------------- editing: --image / --mask, Pipeline.edit
+
+
+def edit_files(tmp_path, size=(64, 64), mask_size=None, regenerate="right"):
+    """A shapes-like image with a left object and a mask (white = regenerate); returns their paths."""
+    W, H = size
+    img = np.full((H, W, 3), 255, np.uint8)
+    img[H // 3: 2 * H // 3, W // 8: W // 3] = (220, 40, 40)
+    mw, mh = mask_size or size
+    mask = np.zeros((mh, mw), np.uint8)
+    if regenerate == "right":
+        mask[:, mw // 2:] = 255
+    elif regenerate == "all":
+        mask[:] = 255
+    Image.fromarray(img).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return tmp_path / "in.png", tmp_path / "mask.png"
+
+
+def test_pipeline_edit_is_seeded_and_keeps_the_kept_tokens(ckpt, tmp_path, monkeypatch):
+    pipe = sample.load_pipeline(ckpt)
+    image, mask = (np.array(Image.open(p)) for p in edit_files(tmp_path))
+    prompts = ["a red circle on the left", "a small yellow triangle"]
+    a = pipe.edit(prompts, image, mask, seed=3, images_per_prompt=2)
+    assert a.shape == (4, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, pipe.edit(prompts, image, mask, seed=3, images_per_prompt=2))
+    assert not np.array_equal(a, pipe.edit(prompts, image, mask, seed=4, images_per_prompt=2))
+    seen = {}                                                          # what reaches STAR.generate
+    generate = STAR.generate
+    monkeypatch.setattr(STAR, "generate", lambda self, *a, **kw: seen.update(kw) or generate(self, *a, **kw))
+    pipe.edit("x", image, mask > 0, seed=0)                           # a bool mask: True = regenerate
+    known = pipe.vae.img_to_idx(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    assert all(torch.equal(k, s) for k, s in zip(known, seen["known_idx"]))
+    assert seen["keep"][0].all() and seen["keep"][-1].float().mean() == 0.5  # keep the left half, 1x1 included
+
+
+def test_fit_edit_inputs_crops_resizes_and_says_so():
+    img = np.zeros((80, 100, 3), np.uint8)
+    img[:, 10:90] = 200                                               # the centre square of 100x80
+    mask = np.zeros((40, 50), bool)
+    mask[:, 25:] = True                                               # half size, same shape: resized
+    image, regenerate, note = sample.fit_edit_inputs(img, mask, 64)
+    assert image.shape == (64, 64, 3) and regenerate.shape == (64, 64) and (image == 200).all()
+    assert note == "note: image 100x80 centre-cropped to 80x80 and resized to 64x64, the model's resolution"
+    assert regenerate[:, 36:].all() and not regenerate[:, :28].any()
+    assert sample.fit_edit_inputs(img[:64, :64], mask[:32, :32] * 255, 64)[2] is None   # nothing to do
+    with pytest.raises(ValueError, match="mask is 40x50 and the image 100x80"):
+        sample.fit_edit_inputs(img, np.zeros((50, 40), np.uint8), 64)
+
+
+def test_edit_command_line(ckpt, tmp_path, capsys):
+    image, mask = edit_files(tmp_path, size=(96, 96))
+    code, out, err = cli(["--ckpt", ckpt, "--prompt", "a red circle on the left", "--image", image, "--mask", mask,
+                          "--out", tmp_path / "o.png"], capsys)
+    assert code == 0, err
+    assert "note: image 96x96 resized to 64x64" in out and png(tmp_path / "o.png").shape == (64, 64, 3)
+
+
+def test_edit_errors(ckpt, tmp_path, capsys):
+    base = ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"]
+    image, mask = edit_files(tmp_path)
+    assert_error(capsys, [*base, "--image", image], "--image and --mask go together")
+    assert_error(capsys, [*base, "--image", tmp_path / "absent.png", "--mask", mask], "--image", "not found")
+    (tmp_path / "text.png").write_text("not an image")
+    assert_error(capsys, [*base, "--image", image, "--mask", tmp_path / "text.png"], "--mask", "cannot be read")
+    assert_error(capsys, [*base, "--image", image, "--mask", image, "--save-scales"], "not available with --image")
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(black)
+    assert_error(capsys, [*base, "--image", image, "--mask", black], "regenerates nothing")
+    _, white = edit_files(tmp_path, regenerate="all")
+    assert_error(capsys, [*base, "--image", image, "--mask", white], "keeps nothing")
+    _, tall = edit_files(tmp_path, mask_size=(32, 64))
+    assert_error(capsys, [*base, "--image", image, "--mask", tall], "cannot be resized")
+    _, mask = edit_files(tmp_path)
+    ck = torch.load(ckpt, weights_only=True)                          # a bundle without the VQ-VAE's encoder
+    ck["vae"] = {k: v for k, v in ck["vae"].items() if not k.startswith("encoder.")}
+    torch.save(ck, tmp_path / "decoder_only.pt")
+    assert_error(capsys, ["--ckpt", tmp_path / "decoder_only.pt", *base[2:], "--image", image, "--mask", mask],
+                 "no VQ-VAE encoder weights")
+    code, _, err = cli(["--ckpt", tmp_path / "decoder_only.pt", *base[2:]], capsys)   # it still generates
+    assert code == 0, err
+
+
+def test_bad_inputs_catalogue(ckpt, tmp_path, capsys):
+    """Values that used to crash deep inside (inf guidance, a seed over 64 bits) or pass silently (1e30) are
+    refused at the flag with the valid range; an existing output file is left as it was."""
+    out = tmp_path / "o.png"
+    out.write_bytes(b"an earlier image")
+    base = ["--ckpt", ckpt, "--prompt", "x", "--out", out]
+    for flag, value, fragment in [
+            ("--cfg", "inf", "--cfg inf: expected a number in [0, 100]"),
+            ("--cfg", "nan", "--cfg nan: expected a number in [0, 100]"),
+            ("--cfg", "1e30", "--cfg 1e30: expected a number in [0, 100]"),
+            ("--cfg", "-1", "--cfg -1: expected"),
+            ("--seed", "1180591620717411303424", "--seed 1180591620717411303424: expected a seed in [0, 2**64 - 1]"),
+            ("--seed", "-1", "--seed -1: expected a seed"),
+            ("--seed", "1.5", "--seed 1.5: expected a seed"),
+            ("--top-k", "inf", "--top-k inf: expected a whole number >= 0"),
+            ("--top-k", "1e30", "--top-k 1e30: expected a whole number >= 0"),
+            ("--top-p", "nan", "--top-p nan: expected a number in [0, 1]"),
+            ("--top-p=-inf", None, "--top-p -inf: expected"),
+            ("--num-images", "-5", "--num-images -5: expected a positive integer"),
+            ("--num-images", str(2**70), "expected a positive integer"),
+            ("--batch-size", "0", "--batch-size 0: expected a positive integer"),
+            ("--threads", "0", "--threads 0: expected a number of threads >= 1"),
+            ("--threads", "-1", "--threads -1: expected"),
+            ("--rope-norm", "0", "--rope-norm 0: expected a number in (0, 1e+06]"),
+            ("--rope-norm", "inf", "--rope-norm inf: expected"),
+            ("--rope-theta", "nan", "--rope-theta nan: expected"),
+            ("--device", "tpu", "--device: invalid choice: 'tpu'"),
+            ("--cfg", None, "--cfg: expected one argument")]:
+        assert_error(capsys, base + [flag] + ([value] if value is not None else []), fragment)
+    assert out.read_bytes() == b"an earlier image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+
+
+def test_pipeline_refuses_values_that_would_fail_inside(ckpt):
+    pipe = sample.load_pipeline(ckpt)
+    for options, fragment in [(dict(cfg=float("inf")), "cfg=inf"), (dict(cfg=float("nan")), "cfg=nan"),
+                              (dict(cfg=1e30), "cfg=1e+30"), (dict(top_k=float("inf")), "top_k=inf"),
+                              (dict(top_k=2.5), "top_k=2.5"), (dict(seed=2**64), "seed="), (dict(seed=0.5), "seed=")]:
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            pipe.generate(["x"], **options)
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            next(pipe.generate_batches(["x"], **options))
+
+
+def test_cfg_inf_as_a_user_runs_it(ckpt, tmp_path):
+    code, _, err = run_script("sample.py", "--ckpt", ckpt, "--prompt", "a red circle", "--cfg", "inf", cwd=tmp_path)
+    assert_user_error(code, err, "--cfg inf: expected a number in [0, 100]")
+    assert list(tmp_path.iterdir()) == []
+
+# ---------------------------------------------------------------- --out-dir: streamed, continued
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_out_dir_continues_where_it_stopped(ckpt, tmp_path, capsys):
+    """Images already written with the same settings are skipped (and the set is the same as one run writes);
+    other settings replace them; a missing scales strip is made again."""
+    argv = ["--ckpt", ckpt, "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[1], "--num-images", 3, "--batch-size", 2,
+            "--save-scales", "--grid"]
+    code, out, err = cli(argv + ["--out-dir", tmp_path / "ref"], capsys)
+    assert code == 0, err
+    ref = folder_bytes(tmp_path / "ref")
+    assert sorted(ref) == ["000.png", "000_scales.png", "001.png", "001_scales.png", "002.png", "002_scales.png",
+                           "003.png", "003_scales.png", "004.png", "004_scales.png", "005.png", "005_scales.png",
+                           "grid.png", "prompts.txt", "settings.json"]
+    assert (tmp_path / "ref" / "prompts.txt").read_text().splitlines() == [CAPTIONS[0]] * 3 + [CAPTIONS[1]] * 3
+    # a run stopped after image 2 (of batch 1 = images 2, 3) and without one strip
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("000.png", "001.png", "002.png", "000_scales.png", "002_scales.png", "settings.json"):
+        (run / name).write_bytes(ref[name])
+    code, out, err = cli(argv + ["--out-dir", run], capsys)
+    assert code == 0, err
+    assert f"skipped 2 of 6 images already in {run}" in out          # 002 lacks nothing but 001's strip is gone
+    assert folder_bytes(run) == ref
+    # the same command again: nothing to do
+    code, out, err = cli(argv + ["--out-dir", run], capsys)
+    assert code == 0 and "skipped 6 of 6" in out and "image(s) of" not in out
+    # another seed: the old images are replaced, not counted as done
+    code, out, err = cli(argv + ["--out-dir", run, "--seed", 1], capsys)
+    assert code == 0 and "held 12 image file(s) of other settings: replaced" in out
+    assert (run / "000.png").read_bytes() != ref["000.png"]
+    # a smaller --batch-size continues the same run (after running out of memory, say)
+    code, out, err = cli(argv + ["--out-dir", run, "--seed", 1, "--batch-size", 1], capsys)
+    assert code == 0 and "skipped 6 of 6" in out
+
+
+def test_one_image_and_one_batch_unchanged_by_streaming(ckpt, tmp_path, capsys):
+    """--out (and an --out-dir run of one batch) draw from one generator seeded --seed, as generate() does."""
+    pipe = sample.load_pipeline(ckpt)
+    code, _, err = cli(["--ckpt", ckpt, "--prompt", CAPTIONS[2], "--seed", 7, "--out", tmp_path / "one.png"], capsys)
+    assert code == 0, err
+    assert np.array_equal(png(tmp_path / "one.png"), pipe.generate([CAPTIONS[2]], seed=7)[0])
+    code, _, err = cli(["--ckpt", ckpt, "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[1], "--num-images", 2,
+                        "--seed", 7, "--out-dir", tmp_path / "d"], capsys)
+    assert code == 0, err
+    together = pipe.generate(CAPTIONS[:2], seed=7, images_per_prompt=2)
+    for i in range(4):
+        assert np.array_equal(png(tmp_path / "d" / f"{i:03d}.png"), together[i])
+
+
+def test_out_of_memory_advice_fits_the_run(ckpt, tmp_path, monkeypatch, capsys):
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(STAR, "generate", oom)
+    line = assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--num-images", 8, "--batch-size", 8,
+                                 "--out-dir", tmp_path / "d"], "generating 8 64px images at once", "--batch-size 4",
+                        f"the images in {tmp_path / 'd'} are kept")
+    assert "bfloat16" not in line                                   # float32 on a CPU: nothing to gain there
+    line = assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"],
+                        "generating 1 64px images at once", "a machine with more memory, or a smaller model")
+    assert "--batch-size" not in line and not (tmp_path / "o.png").exists()
+
+
+def test_interrupted_run_continues_to_the_same_images(ckpt, tmp_path, capsys):
+    """Ctrl-C in the middle of a multi-batch --out-dir run: exit code 130 and one line; the same command then
+    skips what was written and the folder ends up byte for byte as an uninterrupted run leaves it."""
+    argv = ["--ckpt", ckpt, "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[3], "--num-images", 15, "--batch-size", 2,
+            "--threads", 1, "--out-dir"]
+    code, _, err = cli(argv + [tmp_path / "ref"], capsys)                    # uninterrupted, in this process
+    assert code == 0, err
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *map(str, argv), str(run)], env=dict(
+        os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "003.png").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].decode()          # bytes: text mode would turn the bar's \r into \n
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and terminal_lines(err) == [
+        "interrupted; the images already written are kept, and the same command skips them"]
+    written = len(list(run.glob("[0-9][0-9][0-9].png")))
+    assert 4 <= written < 30
+    code, out, err = cli(argv + [run], capsys)                               # the same command again
+    assert code == 0, err
+    assert f"skipped {written} of 30 images already in {run}" in out
+    assert folder_bytes(run) == folder_bytes(tmp_path / "ref")
+
+
+def test_every_flag_value_survives_the_settings_file(ckpt, tmp_path, capsys):
+    """settings.json is read back as JSON (lists, not tuples): a run with --patch-nums still continues."""
+    argv = ["--ckpt", ckpt, "--prompt", "x", "--patch-nums", "1,2,3,4,5,8", "--rope-theta", "100", "--out-dir",
+            tmp_path]
+    assert cli(argv, capsys)[0] == 0
+    code, out, err = cli(argv, capsys)
+    assert code == 0 and "skipped 1 of 1" in out, err
+
+
+
+def test_prompts_outside_the_shapes_grammar_are_named(tmp_path, capsys):
+    # the bundled model knows its captions' grammar only: "a red circle" (no size, no position) is drawn
+    # loosely, and the command says so; a caption of the grammar passes without a word, as does any
+    # prompt for a model trained on a folder of images
+    code, _, err = cli(["--ckpt", sample.DEFAULT_CKPT, "--prompt", "a red circle", "--prompt",
+                        "a large red circle on the left on a white background", "--grid", "--out", tmp_path / "a.png"],
+                       capsys)
+    assert code == 0 and err.count("warning:") == 1 and "'a red circle' is outside" in err
+    code, _, err = cli(["--ckpt", sample.DEFAULT_CKPT, "--prompt", "a red circle above a blue square",
+                        "--out", tmp_path / "b.png"], capsys)
+    assert code == 0 and "warning:" not in err
+    folder_model = build_tiny_checkpoint(tmp_path / "folder.pt")
+    code, _, err = cli(["--ckpt", folder_model, "--prompt", "a red circle", "--out", tmp_path / "c.png"], capsys)
+    assert code == 0 and "warning:" not in err

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import shapes
+from conftest import ROOT, assert_user_error, run_in_process, run_script
 from shapes import (BACKGROUNDS, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES, caption, degrade, heldout_captions,
                     judge, parse_caption, random_scene, render, sample_batch, vary)
 
@@ -244,6 +245,8 @@ def test_eval_with_a_stand_in_pipeline(tmp_path, monkeypatch, capsys):
     calls = []
 
     class Pipeline:
+        num_parameters = 1000
+
         def __init__(self, blank):
             self.blank = blank
 
@@ -269,6 +272,61 @@ def test_eval_with_a_stand_in_pipeline(tmp_path, monkeypatch, capsys):
     assert calls[-1][2] == {"top_k": 5}
     with pytest.raises(FileNotFoundError, match="--ckpt"):
         shapes.evaluate(str(tmp_path / "missing.pt"), n=2)
+
+
+def test_bad_inputs_catalogue(tmp_path, capsys):
+    """Every mistake is one 'error:' line and exit code 2 (in this process through cli.run_command, as the
+    script runs main); nothing is written, nothing a file holds is run."""
+    from test_sample import build_tiny_checkpoint, hostile_pickle
+    good = build_tiny_checkpoint(tmp_path / "good.pt")
+    (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:5000])
+    marker = tmp_path / "PWNED"
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"an earlier grid")                               # must survive every case
+    cases = [
+        (["eval", "--ckpt", ROOT / "README.md", "--n", "2"], "README.md is not a plain weights file"),
+        (["eval", "--ckpt", tmp_path / "trunc.pt", "--n", "2"], "trunc.pt could not be read"),
+        (["eval", "--ckpt", hostile_pickle(tmp_path / "evil.pt", marker), "--n", "2"], "not a plain weights file"),
+        (["eval", "--ckpt", hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False)], "not a plain weights"),
+        (["eval", "--ckpt", tmp_path / "missing.pt"], "--ckpt", "missing.pt: no such file"),
+        (["eval", "--ckpt", build_tiny_checkpoint(tmp_path / "vae.pt", stage="vae"), "--n", "2"],
+         "holds only the VQ-VAE"),
+        (["eval", "--ckpt", good, "--n", "0"], "--n 0: expected a positive integer"),
+        (["eval", "--ckpt", good, "--batch-size", "0"], "--batch-size 0: expected a positive integer"),
+        (["eval", "--ckpt", good, "--cfg", "-1"], "--cfg -1: expected a number in [0, 100]"),
+        (["eval", "--ckpt", good, "--cfg", "inf"], "--cfg inf: expected a number in [0, 100]"),
+        (["eval", "--ckpt", good, "--top-p", "1.5"], "--top-p 1.5: expected a number in [0, 1]"),
+        (["eval", "--ckpt", good, "--top-k", "-3"], "--top-k -3: expected a whole number >= 0"),
+        (["eval", "--ckpt", good, "--seed", str(2**70)], f"--seed {2**70}: expected"),
+        (["eval", "--ckpt", good, "--threads", "0"], "--threads 0: expected"),
+        (["eval", "--ckpt", good, "--grid", tmp_path / "nope" / "g.png"], "--grid", "does not exist"),
+        (["eval", "--n", "2"], "required: --ckpt"),
+        (["show", "--out", "/proc/nope/s.png"], "--out /proc/nope/s.png", "does not exist"),
+        (["show", "--out", tmp_path / "grid.xyz"], "unknown image type '.xyz'"),
+        (["show", "--out", tmp_path], "is a folder"),
+        (["show", "--out", grid, "--n", "0"], "--n 0: expected a whole number in [1, 1024]"),
+        (["show", "--out", grid, "--n", "1e9"], "--n 1e9: expected"),
+        (["show", "--out", grid, "--scale", "0"], "--scale 0: expected a whole number in [1, 16]"),
+        (["show", "--out", grid, "--seed", "-1"], "--seed -1: expected a seed in [0, 2**64 - 1]"),
+        (["check", "--n", "0"], "--n 0: expected a positive integer"),
+        (["check", "--n", "nan"], "--n nan: expected a positive integer"),
+        ([], "required: {show,check,eval,edit-eval}"),
+        (["judge"], "invalid choice: 'judge'"),
+    ]
+    for argv, *fragments in cases:
+        code, out, err = run_in_process(shapes.main, argv, capsys)
+        assert_user_error(code, err, *fragments)
+        assert out == ""
+    assert grid.read_bytes() == b"an earlier grid"
+    assert not marker.exists() and not (tmp_path / "grid.xyz").exists()
+
+
+def test_bad_inputs_as_a_user_runs_them(tmp_path):
+    assert_user_error(*run_script("shapes.py", "eval", "--ckpt", ROOT / "README.md", "--n", "2")[::2],
+                      "not a plain weights file")
+    assert_user_error(*run_script("shapes.py", "show", "--out", "/proc/nope/s.png")[::2], "does not exist")
+    assert_user_error(*run_script("shapes.py", "eval", "--ckpt", "x.pt", "--batch-size", "0")[::2],
+                      "--batch-size 0")
 
 
 def test_bundled_model_follows_prompts(one_thread):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, SPEC, need_shared
-from star import PRESETS, STAR, STARConfig, arccos_schedule, rope_2d, sample_tokens
+from star import PRESETS, STAR, STARConfig, arccos_schedule, free_schedule, keep_masks, rope_2d, sample_tokens
 
 ATOL = 1e-4
 
@@ -353,6 +353,117 @@ def test_per_row_cross_attention_uses_the_empty_prompt(vae):
     alone = model.generate(h[1:], m[1:], p[1:], eh, em, ep, **kw)[1]
     assert all(torch.equal(x[1:], y) for x, y in zip(diff[0], alone))
 
+# ---------------------------------------------------------------- editing (inpainting, outpainting)
+
+
+def test_keep_masks_keep_every_token_that_touches_the_kept_region():
+    left = torch.zeros(1, 64, 64, dtype=torch.bool)
+    left[:, :, :32] = True
+    maps = [m.view(pn, pn) for m, pn in zip(keep_masks(left, (1, 2, 3, 4, 6, 8)), (1, 2, 3, 4, 6, 8))]
+    assert maps[0].all()                                          # the 1x1 token covers both halves
+    assert maps[2].tolist() == [[True, True, False]] * 3          # 3x3: the middle column straddles
+    for m, pn in zip(maps, (1, 2, 3, 4, 6, 8)):
+        if pn % 2 == 0:                                            # even maps split at the border
+            assert m[:, : pn // 2].all() and not m[:, pn // 2:].any()
+    centre = torch.zeros(1, 64, 64, dtype=torch.bool)
+    centre[:, 16:48, 16:48] = True
+    assert [int(m.sum()) for m in keep_masks(centre, (1, 2, 3, 4, 6, 8))] == [1, 4, 9, 4, 16, 16]
+    assert not any(m.any() for m in keep_masks(torch.zeros(2, 64, 64, dtype=torch.bool), (1, 3, 8)))
+    assert all(m.all() for m in keep_masks(torch.ones(2, 64, 64, dtype=torch.bool), (1, 3, 8)))
+
+
+def test_free_schedule_spreads_the_free_positions():
+    for steps, pn in ((8, 5), (8, 6), (15, 8), (8, 16)):
+        free = torch.tensor([pn * pn, pn * pn - 1, pn * pn // 2, 3, 1, 0])
+        n = free_schedule(steps, pn, free)
+        assert n.shape == (6, steps) and (n >= 0).all() and torch.equal(n.sum(1), free)
+        assert n[0].tolist() == arccos_schedule(steps, pn)      # nothing kept: the ordinary schedule
+
+
+def edit_setup(vae, folder):
+    """The fixture model, two fixture images (B=2) with their index maps, and a keep-the-left-half mask."""
+    model, inp = load_fixture(folder, vae)
+    image = torch.load(FIXTURES / "vqvae" / "images.pt", weights_only=True)[:2]   # (2, 3, 128, 128)
+    known = vae.img_to_idx(image)
+    left = torch.zeros(2, 128, 128, dtype=torch.bool)
+    left[:, :, :64] = True
+    return model, inp, known, left
+
+
+@pytest.mark.parametrize("folder", ["star", "star_head"])
+def test_edit_keeps_the_image_tokens_at_every_scale(vae, folder):
+    model, inp, known, left = edit_setup(vae, folder)
+    keep = keep_masks(left, model.config.patch_nums)
+    kw = dict(cfg=4.0, top_k=1, top_p=0.0, return_indices=True)
+    _, plain = model.generate(*text_args(inp), **kw)
+    img, idx = model.generate(*text_args(inp), known_idx=known, keep=keep, **kw)
+    assert img.shape == (2, 3, 128, 128)
+    for si, (got, want, k) in enumerate(zip(idx, known, keep)):
+        assert torch.equal(got[k], want[k]), f"scale {si}"
+    assert keep[-1].float().mean() == 0.5 and keep[0].all()
+    # the free tokens are the model's: they follow the kept ones, not the image, and not the plain image
+    assert not torch.equal(idx[-1][~keep[-1]], known[-1][~keep[-1]])
+    assert not torch.equal(idx[-1], plain[-1])
+    # one image for several images of a prompt: known and keep of batch 1 are broadcast; greedy without
+    # the head's random commit order, so both images are the first row of the batch of two
+    _, two = model.generate(*text_args(inp), known_idx=known, keep=keep, stable=False, **kw)
+    _, one = model.generate(*text_args(inp, rows=[0]), known_idx=[k[:1] for k in known],
+                            keep=[k[:1] for k in keep], images_per_prompt=2, stable=False, **kw)
+    assert all(a.shape[0] == 2 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[0]) for a, b in zip(one, two))
+
+
+@pytest.mark.parametrize("folder", ["star", "star_head"])
+def test_edit_keep_all_is_the_reconstruction_keep_none_the_plain_image(vae, folder):
+    model, inp, known, left = edit_setup(vae, folder)
+    K = len(model.config.patch_nums)
+    kw = dict(cfg=3.0, top_k=20, top_p=0.9, return_indices=True)
+    g = lambda: torch.Generator().manual_seed(3)
+    everything = [torch.ones(2, pn * pn, dtype=torch.bool) for pn in model.config.patch_nums]
+    img, idx = model.generate(*text_args(inp), generator=g(), known_idx=known, keep=everything, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(idx, known))
+    assert_close(img, vae.idx_to_img(known).add(1).mul(0.5), atol=1e-5)
+    nothing = [~m for m in everything]
+    img_n, idx_n = model.generate(*text_args(inp), generator=g(), known_idx=known, keep=nothing, **kw)
+    img_p, idx_p = model.generate(*text_args(inp), generator=g(), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(idx_n, idx_p)) and torch.equal(img_n, img_p)
+    # seeded: the same seed gives the same edit, another seed another one
+    keep = keep_masks(left, model.config.patch_nums)
+    a = model.generate(*text_args(inp), generator=g(), known_idx=known, keep=keep, **kw)[1]
+    b = model.generate(*text_args(inp), generator=g(), known_idx=known, keep=keep, **kw)[1]
+    c = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(4), known_idx=known, keep=keep, **kw)[1]
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert len(idx) == K
+    with pytest.raises(ValueError, match="needs both"):
+        model.generate(*text_args(inp), known_idx=known)
+    with pytest.raises(ValueError, match=r"keep\[2\] has shape"):
+        model.generate(*text_args(inp), known_idx=known, keep=keep[:2] + [keep[2][:, :3]] + keep[3:])
+
+
+def test_stable_edit_commits_each_free_position_once(vae, monkeypatch):
+    import star
+    model, inp, known, left = edit_setup(vae, "star_head")
+    keep = keep_masks(left, model.config.patch_nums)
+    passes, commit_fn = {}, star.commit
+
+    def checked_commit(idx_Bl, step_Bl, new_idx, conf, n, s):
+        before_idx, before_step = idx_Bl.clone(), step_Bl.clone()
+        commit_fn(idx_Bl, step_Bl, new_idx, conf, n, s)
+        done = before_step >= 0
+        assert torch.equal(idx_Bl[done], before_idx[done]) and torch.equal(step_Bl[done], before_step[done])
+        passes.setdefault(step_Bl.shape[1], []).append(step_Bl.clone())
+
+    monkeypatch.setattr(star, "commit", checked_commit)
+    _, idx = model.generate(*text_args(inp), cfg=4.0, top_k=50, top_p=0.9, return_indices=True,
+                            generator=torch.Generator().manual_seed(7), known_idx=known, keep=keep)
+    monkeypatch.undo()
+    si_last, pn = len(model.config.patch_nums) - 1, model.config.patch_nums[-1]
+    first, last = passes[pn * pn][0], passes[pn * pn][-1]
+    k = keep[si_last]
+    assert (first[k] == 0).all() and (last >= 0).all()            # kept: committed before step 0
+    free_steps = [torch.bincount(last[b][~k[b]], minlength=15) for b in range(2)]   # the last scale: 15 steps
+    assert [f.tolist() for f in free_steps] == free_schedule(15, pn, (~k).sum(1)).tolist()
+    assert torch.equal(idx[-1][k], known[-1][k])
+
 # ---------------------------------------------------------------- stable sampling and head training
 
 
@@ -529,6 +640,24 @@ def test_decoding_steps_compile_whole_without_graph_breaks(vae, monkeypatch):
     _, other = twin.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), stable=False,
                              **{k: v for k, v in kw.items() if k != "stable"})
     assert all((i == twin.config.vocab_size - 1).all() for i in other)  # its last token wins everywhere
+
+
+@pytest.mark.parametrize("folder", ["star", "star_head"])
+def test_compiled_edit_gives_the_eager_edit(vae, folder, monkeypatch):
+    """An edit goes through the same compiled steps (kept tokens are forced and committed on the host,
+    between the steps): the same sampled tokens as eager, kept ones included, with no graph break."""
+    from torch._dynamo.utils import counters
+    model, inp, known, left = edit_setup(vae, folder)
+    keep = keep_masks(left, model.config.patch_nums)
+    kw = dict(cfg=3.0, top_k=20, top_p=0.9, return_indices=True, known_idx=known, keep=keep)
+    img, eager = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(3), **kw)
+    eager_backend(monkeypatch)
+    model.compile_decoding()
+    img_c, compiled = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(3), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled)) and torch.equal(img, img_c)
+    assert all(torch.equal(a[k], b[k]) for a, b, k in zip(compiled, known, keep))
+    assert counters["stats"]["unique_graphs"] > len(model.config.patch_nums)   # the probe and a trunk per scale
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_compile_decoding_where_compile_cannot_run(monkeypatch):

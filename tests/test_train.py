@@ -3,10 +3,14 @@
 The whole pipeline runs end to end and writes self-contained checkpoints; --export makes a smaller
 half-precision bundle; --resume after a SIGKILL continues exactly (same losses, same bits), also when
 the kill lands in the middle of a checkpoint write; torchrun with two processes keeps them in step;
-a non-finite loss stops training before anything NaN is saved; and bad inputs get one line and exit
-code 2. Every run uses one thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1): the same bits). Runs
+a non-finite loss stops training before anything NaN is saved; bad inputs get one line and exit
+code 2; and nothing trains on the wrong data or destroys a run (a token pool made by another
+configuration is made again, a bare --resume keeps the run's own flags, --export never writes over a
+checkpoint and leaves no temporary file). Every run uses one thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1): the same bits). Runs
 that get killed are forked from a server that has imported torch already, which makes each start cheap.
 """
+import codecs
+import json
 import multiprocessing
 import os
 import random
@@ -357,13 +361,23 @@ def all_finite(path):
                for t in ck[part].values() if t.is_floating_point())
 
 
-def test_huge_learning_rate_stops_with_one_line_and_keeps_checkpoints_finite(data, tmp_path):
+def test_a_diverging_loss_stops_with_one_line_and_keeps_checkpoints_finite(data, tmp_path, monkeypatch, capsys):
+    """Through the command's boundary: the loss overflows from step 4 on (as with a learning rate far too
+    high; --vae-lr itself is capped at 1, see the bad-flag catalogue)."""
+    import tokenizer
+    calls = []
+
+    def diverging(recon, img):
+        calls.append(1)
+        return train_loss(recon, img) * (float("inf") if len(calls) >= 4 else 1.0)
+    train_loss = tokenizer.reconstruction_loss
+    monkeypatch.setattr(tokenizer, "reconstruction_loss", diverging)   # train.py imports it from there
     out = tmp_path / "run"
-    code, err = cli(["--out", out, "--data", data, "--stage", "vae", "--vae-lr", "1e30", "--ckpt-every", "1",
-                     *TINY])
+    code, err = cli_in_process(["--out", out, "--data", data, "--stage", "vae", "--ckpt-every", "1", *TINY],
+                               monkeypatch, capsys)
     assert_one_line_error(code, err, "stopped before updating the weights")
-    assert re.search(r"vae step \d+: the (loss|gradient norm) is (nan|inf|-inf);", err) and "--resume" in err
-    assert all_finite(out / "vae.pt")
+    assert re.search(r"vae step 4: the (loss|gradient norm) is (nan|inf|-inf);", err) and "--resume" in err
+    assert torch.load(out / "vae.pt", weights_only=True)["step"] == 3 and all_finite(out / "vae.pt")
 
 
 def test_nan_in_the_data_stops_before_the_update(data, tmp_path, monkeypatch):
@@ -435,6 +449,14 @@ def bad_input_cases(tmp_path, reference):
     meta = write_folder(tmp_path / "meta", n=2)
     (meta / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": "a red square"}\n{"file_name": 3}\n')
     (tmp_path / "file").write_text("")
+    outside = write_folder(tmp_path / "outside", n=1) / "img0.png"         # a readable image, beside the data
+    escape = write_folder(tmp_path / "escape", n=2)
+    (escape / "metadata.jsonl").write_text('{"file_name": "../outside/img0.png", "text": "a red square"}\n')
+    absolute = write_folder(tmp_path / "absolute", n=2)
+    (absolute / "metadata.jsonl").write_text(f'{{"file_name": "{outside}", "text": "a red square"}}\n')
+    number = write_folder(tmp_path / "number", n=2)
+    (number / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": "a red square"}\n'
+                                           '{"file_name": "img1.png", "text": 3}\n')
 
     def out_with(name, content):
         """An --out folder holding `name` = content (a path to copy, bytes, or a callable writing it)."""
@@ -475,6 +497,8 @@ def bad_input_cases(tmp_path, reference):
         (["--out", tmp_path / "o2", "--stage", "star", *tiny], "no such file, expected a checkpoint file"),
         (["--out", out_with("vae.pt", reference / "vae.pt"), "--stage", "star", *tiny, "--resolution", "32",
           "--patch-nums", "1,4"], "works on 16x16 images"),
+        (["--out", out_with("vae.pt", reference / "vae.pt"), "--stage", "star", *tiny, "--vae-ch", "64"],
+         "--stage star: --vae-ch 64 (the run has 32): this stage continues from"),
         (["--out", tmp_path / "o", *tiny, "--patch-nums", "1,3"], "the last side must be --resolution / 8 = 2"),
         (["--out", tmp_path / "o", "--data", "shapes", "--resolution", "16", "--patch-nums", "1,2"], "drawn at 64x64"),
         (["--out", tmp_path / "o", *tiny, "--width", "96"], "multiple of 64"),
@@ -482,7 +506,44 @@ def bad_input_cases(tmp_path, reference):
         (["--out", tmp_path / "o", *tiny, "--patch-nums", "1,x"], "comma-separated integers"),
         (["--out", tmp_path / "o", *tiny, "--stage", "star", "--text-encoder", tmp_path], "needs --tokenizer"),
         (["--out", tmp_path / "o", *tiny, "--bogus"], "unrecognized arguments: --bogus"),
-    ]
+        (["--out", tmp_path / "o", "--data", escape, *TINY], "metadata.jsonl:1: file_name '../outside/img0.png' "
+                                                            "points outside"),
+        (["--out", tmp_path / "o", "--data", absolute, *TINY], "metadata.jsonl:1: file_name"),
+        (["--out", tmp_path / "o", "--data", number, *TINY], "metadata.jsonl:2: 'file_name' and 'text' must be "
+                                                            "strings, got str and int"),
+    ] + [([*argv, "--out", tmp_path / "never", *tiny, *flag], fragment) for argv, flag, fragment in BAD_FLAGS]
+
+
+# flags that cannot be right: refused before anything is read or written (argv before TINY, flag after it)
+BAD_FLAGS = [
+    ([], ["--grad-clip", "-1"], "--grad-clip -1: expected a number in (0,"),
+    ([], ["--grad-clip", "0"], "--grad-clip 0: expected a number in (0,"),
+    ([], ["--lr", "inf"], "--lr inf: expected a number in (0, 1]"),
+    ([], ["--lr", "nan"], "--lr nan: expected a number in (0, 1]"),
+    ([], ["--vae-lr", "1e30"], "--vae-lr 1e30: expected a number in (0, 1]"),
+    ([], ["--head-lr", "0"], "--head-lr 0: expected a number in (0, 1]"),
+    ([], ["--weight-decay", "-0.1"], "--weight-decay -0.1: expected a number in [0, 1]"),
+    ([], ["--text-context", "2"], "--text-context 2: expected a whole number in [8,"),
+    ([], ["--cond-drop", "5"], "--cond-drop 5: expected a number in [0, 0.99]"),
+    ([], ["--cond-drop", "1"], "--cond-drop 1: expected a number in [0, 0.99]"),
+    ([], ["--vae-ae-frac", "1"], "--vae-ae-frac 1: expected a number in [0, 0.99]"),
+    ([], ["--warmup", "5"], "--warmup 5: more warm-up steps than --head-steps 4"),
+    ([], ["--warmup", "-1"], "--warmup -1: expected a whole number >= 0"),
+    ([], ["--depth", "0"], "--depth 0: expected a whole number in [1,"),
+    ([], ["--head-from", "2"], "--head-from 2: expected a scale index from 1 to 1"),
+    ([], ["--head-from", "0"], "--head-from 0: expected a whole number in [1,"),
+    ([], ["--seed", "-1"], "--seed -1: expected a seed in [0, 2**32 - 1]"),
+    ([], ["--seed", "1180591620717411303424"], "expected a seed in [0, 2**32 - 1]"),
+    ([], ["--vocab-size", "40000"], "--vocab-size 40000: expected a whole number in [2, 32768]"),
+    ([], ["--vae-ch", "12"], "--vae-ch 12: expected a multiple of 8"),
+    ([], ["--text-width", "96"], "--text-width 96: expected a multiple of 64"),
+    ([], ["--eval-every", "1"], "--eval-every 1: the evaluation judges shapes-world captions"),
+    ([], ["--sample-every", "-1"], "--sample-every -1: expected a whole number >= 0"),
+    ([], ["--batch-size", "0"], "--batch-size 0: expected a positive integer"),
+    ([], ["--pool", "-5"], "--pool -5: expected a positive integer"),
+    ([], ["--resolution", "0"], "--resolution 0: expected a whole number in [8,"),
+    (["--stage", "vae"], ["--warmup", "9"], "--warmup 9: more warm-up steps than --vae-steps 8"),
+]
 
 
 def test_bad_inputs_get_one_line_and_exit_code_2(reference, tmp_path, monkeypatch, capsys):
@@ -494,6 +555,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(reference, tmp_path, monkeypatc
         assert_one_line_error(code, err, fragment)
     assert len(cases) >= 25
     assert not marker.exists()
+    assert not (tmp_path / "never").exists()      # a bad flag creates nothing
     # the hostile file is live: loading it the unsafe way would have run its code
     torch.load(hostile_checkpoint(tmp_path / "live.pt", tmp_path / "LIVE"), weights_only=False)
     assert (tmp_path / "LIVE").exists()
@@ -542,3 +604,212 @@ def test_released_vae_replaces_the_vae_stage(tmp_path):
     ck = torch.load(out / "head.pt", weights_only=True)
     assert all(torch.equal(ck["vae"][k], v) for k, v in vae.state_dict().items())
     assert VQVAEConfig(**ck["vae_config"]).downsample == 16
+
+
+def test_weight_decay_reaches_linear_and_conv_matrices_only():
+    args = train.parse_args(["--out", "unused", "--depth", "1", "--width", "64", "--text-width", "64"])
+    vae = VQVAE(train.default_vae_config(args))
+    prev = {"vae_config": train.config_dict(vae.config), "vae": vae.state_dict()}
+    parts, net = train.build_stage("star", args, prev, train.ShapesData())
+    decay, no_decay = train.make_optimizer(net, 1e-3, 0.05).param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    name = {id(p): n for n, p in net.named_parameters()}
+    decayed = {name[id(p)] for p in decay["params"]}
+    kept = {name[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(kept) and decayed | kept == {n for n, p in net.named_parameters() if p.requires_grad}
+    # attention temperatures (log-scales), start token, scale and text embeddings, biases, norms: no decay
+    for n in ("star.blocks.0.attn.scale_mul_1H11", "star.blocks.0.cross_attn.scale_mul_1H11", "star.pos_start",
+              "star.lvl_embed.weight", "star.blocks.0.attn.q_bias", "star.head_logits.bias",
+              "text_encoder.embeddings.token_embedding.weight", "text_encoder.embeddings.position_embedding.weight",
+              "text_encoder.final_layer_norm.weight"):
+        assert n in kept, n
+    for n in ("star.blocks.0.attn.mat_qkv.weight", "star.blocks.0.cross_attn.mat_kv.weight", "star.word_embed.weight",
+              "star.head_logits.weight", "text_encoder.encoder.layers.0.mlp.fc1.weight"):
+        assert n in decayed, n
+    # the VQ-VAE stage: convolutions decayed (the Phi refiners too), the codebook and norms not
+    decay, no_decay = train.make_optimizer(vae, 1e-3, 0.05).param_groups
+    name = {id(p): n for n, p in vae.named_parameters()}
+    decayed = {name[id(p)] for p in decay["params"]}
+    assert "quantize.quant_resi.qresi_ls.0.weight" in decayed and "quantize.embedding.weight" not in decayed
+    assert all(vae.get_parameter(n).ndim == 4 for n in decayed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. nothing trains on the wrong data, nothing destroys a run
+
+def run_copy(reference, out, *names):
+    """A run folder holding copies of some of the reference run's files."""
+    out.mkdir(parents=True)
+    for name in names:
+        (out / name).write_bytes((reference / name).read_bytes())
+    return out
+
+
+def test_a_token_pool_made_by_another_configuration_is_never_used(reference, data, tmp_path, capsys):
+    def star_stage(out, *extra):
+        capsys.readouterr()
+        train_in_process(["--out", str(out), "--data", str(data), "--stage", "star", *TINY, "--star-steps", "1",
+                          "--warmup", "1", *map(str, extra)])
+        return capsys.readouterr().out
+    ref_pool = torch.load(reference / "tokens.pt", weights_only=True)
+    # the pool of the same VQ-VAE, data, size and seed is used as it is
+    out = run_copy(reference, tmp_path / "same", "vae.pt", "tokens.pt")
+    assert "tokenizing again" not in star_stage(out)
+    assert (out / "tokens.pt").read_bytes() == (reference / "tokens.pt").read_bytes()
+    # the VQ-VAE trained again with another seed (after deleting vae.pt and star.pt, as the errors advise):
+    # the old pool would pair the new VQ-VAE with tokens of the old one
+    out = run_copy(reference, tmp_path / "retrained", "tokens.pt")
+    train_in_process(["--out", str(out), "--data", str(data), "--stage", "vae", "--seed", "1", *TINY])
+    said = star_stage(out)
+    assert f"{out / 'tokens.pt'}: it was made from another VQ-VAE; tokenizing again" in said
+    ck = torch.load(out / "vae.pt", weights_only=True)
+    vae = VQVAE(VQVAEConfig(**ck["vae_config"]))
+    vae.load_state_dict(ck["vae"])
+    img, _ = train.ImageFolder(data, 16).batch(64, train.batch_rng(0, 0, 0, stream=3))
+    pool = torch.load(out / "tokens.pt", weights_only=True)
+    with torch.no_grad():
+        assert torch.equal(pool["idx"].long(), torch.cat(vae.img_to_idx(img), 1))
+    assert not torch.equal(pool["idx"], ref_pool["idx"])
+    # other data and another --pool size with the same VQ-VAE
+    other = write_folder(tmp_path / "other", n=4)
+    for txt in other.glob("*.txt"):
+        txt.write_text(txt.read_text().replace("square", "block"))
+    out = run_copy(reference, tmp_path / "moved", "vae.pt", "tokens.pt")
+    said = star_stage(out, "--data", other, "--pool", 32)
+    assert f"it was made from other data ({data.resolve()} (8 images, 16px, " in said and "--pool 64" in said
+    pool = torch.load(out / "tokens.pt", weights_only=True)
+    assert len(pool["idx"]) == len(pool["captions"]) == 32 and all("block" in c for c in pool["captions"])
+    # a pool written before pools recorded their origin is made again (same VQ-VAE, data: same tokens)
+    out = run_copy(reference, tmp_path / "older", "vae.pt")
+    torch.save({"idx": ref_pool["idx"], "captions": ref_pool["captions"]}, out / "tokens.pt")
+    assert "it does not record what it was made from" in star_stage(out)
+    assert torch.equal(torch.load(out / "tokens.pt", weights_only=True)["idx"], ref_pool["idx"])
+
+
+def test_a_bare_resume_continues_the_run_with_its_own_settings(reference, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    lr_at = train.lr_at
+
+    def interrupted(step, total, base, warmup):     # Ctrl-C in STAR step 4 (the only stage of 6 steps)
+        if total == STEPS["star"] and step == 3:
+            raise KeyboardInterrupt
+        return lr_at(step, total, base, warmup)
+    monkeypatch.setattr(train, "lr_at", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(["--out", str(out), "--data", str(data), "--ckpt-every", "2", *TINY])
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    assert torch.load(out / "star.pt", weights_only=True)["step"] == 2
+    # README's command after an interruption, without the run's flags: the run's own data and sizes are used
+    capsys.readouterr()
+    train_in_process(["--out", str(out), "--resume"])
+    said = capsys.readouterr().out
+    assert f"vae: already trained to step 8 (--vae-steps 8) in {out / 'vae.pt'}" in said
+    assert f"the run in {out} is complete" in said
+    want = dict(((s, n), v) for s, n, v in logged_losses(reference))
+    assert all(v == want[s, n] for s, n, v in logged_losses(out))
+    assert_same_weights(out, reference)
+    recorded, used = (torch.load(d / "head.pt", weights_only=True)["args"] for d in (out, reference))
+    for args in (recorded, used):
+        del args["out"], args["resume"]
+    assert recorded == used
+    # flags that change the data or the architecture are refused, naming both values; nothing is written
+    before = {name: (out / name).read_bytes() for name in CKPTS}
+    for flags, fragment in [
+        (["--vae-ch", "64", "--vocab-size", "64"], "--vocab-size 64 (the run has 16); --vae-ch 64 (the run has 32)"),
+        (["--data", "shapes"], f"--data shapes (the run has {data})"),
+        (["--patch-nums", "1,2,4", "--resolution", "32"], "--resolution 32 (the run works on 16x16 images); --patch-nums 1,2,4 (the run has 1,2)"),
+    ]:
+        code, err = cli_in_process(["--out", out, "--resume", *flags], monkeypatch, capsys)
+        assert_one_line_error(code, err, fragment)
+    assert {name: (out / name).read_bytes() for name in CKPTS} == before
+    # the same values spelled out, and flags listed as changeable, are fine: two more head steps
+    train_in_process(["--out", str(out), "--resume", "--data", str(data), "--head-steps", "6"])
+    said = capsys.readouterr().out
+    assert "star: already trained to step 6" in said and f"head: trained to step 6; wrote {out / 'head.pt'}" in said
+    ck = torch.load(out / "head.pt", weights_only=True)
+    assert ck["step"] == 6 and ck["args"]["head_steps"] == 6 and ck["args"]["depth"] == 1
+    # the end of the run: resuming once more trains nothing and says so
+    head = (out / "head.pt").read_bytes()
+    train_in_process(["--out", str(out), "--resume"])
+    said = capsys.readouterr().out
+    assert "head: already trained to step 6 (--head-steps 6)" in said and "is complete" in said
+    assert (out / "head.pt").read_bytes() == head
+
+
+def test_resume_in_a_folder_without_a_checkpoint_says_that_a_new_run_starts(data, tmp_path, capsys):
+    out = tmp_path / "typo"
+    train_in_process(["--out", str(out), "--resume", "--data", str(data), "--stage", "vae", *TINY,
+                      "--vae-steps", "1", "--warmup", "1"])
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == (f"--resume: {out} holds no checkpoint (vae.pt, star.pt or head.pt) to continue; "
+                       "starting a new run there")
+    assert said[-1] == "stopped after the vae stage as asked (--stage vae); --stage star continues the run"
+    assert torch.load(out / "vae.pt", weights_only=True)["step"] == 1
+
+
+def test_export_never_overwrites_a_checkpoint_nor_leaves_a_temporary_file(reference, tmp_path, monkeypatch,
+                                                                          capsys):
+    run = run_copy(reference, tmp_path / "run", *CKPTS, "tokens.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    (tmp_path / "link.pt").symlink_to(run / "head.pt")
+    elsewhere = run_copy(reference, tmp_path / "elsewhere", "star.pt")
+    (elsewhere / "star.pt").rename(elsewhere / "mine.pt")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    for dst, fragment in [
+        (run / "head.pt", "the destination is the source"),
+        (tmp_path / "link.pt", "the destination is the source"),
+        (run / "star.pt", "that name is one of the checkpoints of the run"),
+        (run / "vae.pt", "that name is one of the checkpoints of the run"),
+        (elsewhere / "mine.pt", "holds a resumable training checkpoint (step 6)"),
+        (tmp_path / "folder", "is a folder"),
+        (tmp_path / "file" / "x.pt", "cannot write there"),
+    ]:
+        assert_one_line_error(*cli_in_process(["--export", run / "head.pt", dst], monkeypatch, capsys), fragment)
+    # a failure in the middle of writing (here a full disk) leaves no temporary file either
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, err = cli_in_process(["--export", run / "head.pt", tmp_path / "bundle.pt"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "cannot write there (No space left on device)")
+    monkeypatch.setattr(torch, "save", save)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "bundle.pt").exists()
+    # writing a bundle again over an older bundle is what --export is for
+    for _ in range(2):
+        train.main(["--export", str(run / "head.pt"), str(tmp_path / "bundle.pt")])
+    assert "optimizer" not in torch.load(tmp_path / "bundle.pt", weights_only=True)
+
+
+def test_help_describes_every_flag_with_its_default():
+    p = train.build_parser()
+    text = " ".join(p.format_help().split())
+    for action in p._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        if action.default is not None and action.default is not False:
+            assert f"(default: {action.default})" in text, action.option_strings
+    assert "only --stage, --vae-steps, --star-steps, --head-steps, --vae-lr, --lr, --head-lr" in text
+
+
+def test_a_data_folder_previews_its_own_captions(reference, tmp_path, monkeypatch):
+    """metadata.jsonl saved with a byte-order mark (as Windows editors do) is read; previews show its captions."""
+    root = write_folder(tmp_path / "data", n=4)
+    lines = [json.dumps({"file_name": f"img{i}.png", "text": f"my caption {i}"}) for i in range(4)]
+    (root / "metadata.jsonl").write_bytes(codecs.BOM_UTF8 + "\n".join(lines).encode())
+    out = run_copy(reference, tmp_path / "run", "vae.pt")
+    shown, generate = [], train.generate
+    monkeypatch.setattr(train, "generate", lambda parts, caps, *a, **k: shown.append(caps) or generate(parts, caps,
+                                                                                                       *a, **k))
+    # without the VQ-VAE's size flags: the star stage takes them from vae.pt, and records them
+    tiny = [a for i, a in enumerate(TINY) if not {a, TINY[i - 1]} & {"--vocab-size", "--vae-ch"}]
+    train_in_process(["--out", str(out), "--data", str(root), "--stage", "star", *tiny, "--star-steps", "1",
+                      "--warmup", "1", "--sample-every", "1"])
+    assert shown == [[f"my caption {i}" for i in range(4)]]
+    assert (out / "star_000001.png").exists()
+    args = torch.load(out / "star.pt", weights_only=True)["args"]
+    assert (args["vocab_size"], args["vae_ch"]) == (16, 32) and len(tiny) == len(TINY) - 4
