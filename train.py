@@ -727,7 +727,7 @@ def build_parser():
                    help="released VQ-VAE weights (VAR's vae_ch160v4096z32.pth) to use frozen instead of the vae stage")
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
     p.add_argument("--vae-steps", type=positive_int, default=4000, help="training steps of the vae stage")
-    p.add_argument("--star-steps", type=positive_int, default=17000, help="training steps of the star stage")
+    p.add_argument("--star-steps", type=positive_int, default=8000, help="training steps of the star stage")
     p.add_argument("--head-steps", type=positive_int, default=1200, help="training steps of the head stage")
     rate = cli.bounded_float(0, 1, lo_open=True)     # AdamW moves every weight by about this much per step
     p.add_argument("--vae-lr", type=rate, default=1e-3, help="peak learning rate, vae stage")
