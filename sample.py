@@ -617,13 +617,13 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile STAR's per-scale decoding steps: faster on GPUs after a first run that "
                    "compiles (minutes on a CPU); same tokens up to float noise")
+    g.add_argument("--threads", type=cli.threads, metavar="N", help="CPU threads (default: 1 for a small model "
+                   "like the bundled one, else the cores not busy with other processes)")
     g = p.add_argument_group("editing (inpainting, outpainting)")
     g.add_argument("--image", metavar="FILE", help="edit this image instead of drawing a new one (centre-cropped "
                    "and resized to the model's resolution); needs --mask")
     g.add_argument("--mask", metavar="FILE", help="white (>= 128) = regenerate, black = keep; resized to the image "
                    "(outpainting: white around the part to keep)")
-    g.add_argument("--threads", type=cli.threads, metavar="N", help="CPU threads (default: 1 for a small model "
-                   "like the bundled one, else the cores not busy with other processes)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE",
                    help="image file for a single image, or the --grid sheet (default sample.png)")
