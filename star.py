@@ -811,6 +811,9 @@ class STAR(nn.Module):
                 if trunk_cand is None:                 # the trunk's logits do not change within a scale
                     trunk_cand = self.trunk_candidates(x_NlC, t, top_k, top_p)
                 new_idx_Bl, conf_Bl = draw_tokens(*trunk_cand, generator)
+                # A trunk step commits twice, as the reference does: here its n most confident draws
+                # (already committed positions among them keep their token, so fewer may be new), and
+                # below n more among the uncommitted ones: up to 2n new tokens at such a step.
                 commit(idx_Bl, commit_step_Bl, new_idx_Bl, conf_Bl, n, s)
             else:
                 committed_Bl1 = (commit_step_Bl >= 0)[..., None]

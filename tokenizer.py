@@ -229,7 +229,7 @@ class Phi(nn.Conv2d):
 def phi_index(si: int, num_scales: int, num_phi: int) -> int:
     """Which of the num_phi shared Phi convs scale si uses: the one whose tick is nearest si / (SN - 1).
 
-    The ticks are spread over [0, 1] (for 4 Phis: 1/12, 4/12 + .., 11/12). Scales can sit exactly between
+    The ticks are spread over [0, 1] (for 4 Phis: 1/12, 13/36, 23/36, 11/12). Scales can sit exactly between
     two ticks (SN=10: si 2 and 7; SN=7: si 3); the released tables come from numpy in float64, where
     rounding makes one side win by an ulp and argmin takes the first minimum. We compute exactly the same
     way rather than hard-coding tables, so every patch_nums length gets the reference's choice.

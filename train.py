@@ -6,7 +6,7 @@ Training for the whole STAR pipeline, in three stages that each start from the p
   star  the transformer of star.py on a frozen VQ-VAE, teacher-forced over all scales (paper, sec. 3),
         with the text encoder of clip_text.py trained jointly from scratch (the demo), or a released
         CLIP text encoder loaded frozen (--text-encoder DIR --tokenizer PATH)
-  head  the causal stable-sampling head of star.py on a frozen trunk (spec c.4)
+  head  the causal stable-sampling head of star.py on a frozen trunk (paper, sec. 3.4)
 
 Data is the synthetic world of shapes.py, rendered on the fly (--data shapes), or a folder of images
 with captions (--data DIR: `metadata.jsonl` lines {"file_name", "text"}, or `name.txt` beside each image).
@@ -139,6 +139,7 @@ class ImageFolder:
         return x.permute(2, 0, 1)                                   # (3, H, W) in [-1, 1]
 
     def captions(self, seed):
+        """The captions to learn the BPE vocabulary from: all of the folder's (seed unused: nothing is drawn)."""
         return [t for _, t in self.items]
 
     def preview_captions(self, n=8):
@@ -422,7 +423,7 @@ def generate(parts, captions, seed, dev, **sampling):
 
 
 def save_grid(img_N3HW, path, cols=8):
-    """A contact sheet of images in [0, 1] (or [-1, 1] if `signed`), written atomically as PNG."""
+    """A contact sheet of images in [0, 1], written atomically as PNG."""
     from PIL import Image
     N, _, H, W = img_N3HW.shape
     rows = (N + cols - 1) // cols
