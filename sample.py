@@ -48,9 +48,9 @@ DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "shapes.pt"
 TRAIN_COMMAND = ("python train.py --out runs/shapes && "
                  "python train.py --export runs/shapes/head.pt checkpoints/shapes.pt")
 # Sampling settings when the caller gives none. A checkpoint's own 'sampling' entry wins over these.
-# the shapes world (train.py stores these in its checkpoints): the best of cfg 0.75-3 x top-k 2-20 on
-# 400 validation captions (shapes.heldout_captions seed 9, not the evaluation seeds)
-SHAPES_SAMPLING = dict(cfg=1.5, top_k=5, top_p=0.0)
+# the shapes world (train.py stores these in its checkpoints): the best of cfg 0-2.5 x top-k 2-20 on
+# 200 validation captions (shapes.heldout_captions seed 9, not the evaluation seeds) for the bundled model
+SHAPES_SAMPLING = dict(cfg=1.0, top_k=5, top_p=0.0)
 RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # the reference's demo for the released models
 MAX_CFG = cli.MAX_CFG
 PIPELINE_PARTS = ("vae_config", "vae", "tokenizer", "text_config", "text_encoder", "star_config", "star")
