@@ -199,16 +199,6 @@ def train_flops(config, text_len=TEXT_LEN):
 # timing
 
 
-def pick_device(name):
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
-    if name == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available; use --device cpu")
-    return torch.device(name)
-
-
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -512,7 +502,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """The command line (raises on a user's mistake; run as a script, cli.run_command makes that one line)."""
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype != 'auto' else \
         torch.bfloat16 if device.type == 'cuda' else torch.float32
     if device.type == 'cuda':

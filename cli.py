@@ -7,9 +7,10 @@ line and exit code 130; never a traceback. Inside the model files asserts and ex
 only `run_command` translates them, at the top of each command. The argument types refuse values that
 would fail (or silently misbehave) far from the flag: non-numbers, inf and nan, values out of range.
 
-`set_threads` picks how many CPU threads torch uses. A small model gains little from a second thread and
-loses a lot when another process holds a core: the threads wait for each other at every op, spinning,
-and the bundled model took 14 s instead of 3.6 s next to one busy process on a 2-core machine.
+`pick_device` turns --device into a torch.device (auto: cuda, then mps, then cpu). `set_threads` picks
+how many CPU threads torch uses. A small model gains little from a second thread and loses a lot when
+another process holds a core: the threads wait for each other at every op, spinning, and the bundled
+model took 14 s instead of 3.6 s next to one busy process on a 2-core machine.
 
     p = cli.Parser(description=__doc__)
     p.add_argument("--cfg", type=cli.bounded_float(0, 100), default=1.5)
@@ -115,6 +116,23 @@ def run_command(main, argv=None, interrupted="interrupted"):
             print(interrupted, file=sys.stderr)
             return 130
     return 0
+
+# -----------------------------------------------------------------------------
+# devices
+
+
+def pick_device(name, index=None):
+    """The torch.device for --device: 'auto' takes cuda, then mps, then cpu (at run time, never at import);
+    `index` picks the GPU (torchrun's LOCAL_RANK). A device this PyTorch cannot use is a UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to this PyTorch; use --device cpu "
+                        "(or install a CUDA build of PyTorch)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's Metal backend is not available here; use --device cpu")
+    return torch.device(name, index) if name == "cuda" and index is not None else torch.device(name)
+
 
 # -----------------------------------------------------------------------------
 # CPU threads

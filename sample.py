@@ -730,17 +730,6 @@ def warn_outside_grammar(prompts):
                   "position are part of a one-object caption); it may not be followed", file=sys.stderr)
 
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available to this PyTorch; use --device cpu "
-                        "(or install a CUDA build of PyTorch)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: Apple's Metal backend is not available here; use --device cpu")
-    return torch.device(name)
-
-
 def pick_dtype(name, device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -899,7 +888,7 @@ def memory_advice(device, dtype, at_once, out_dir):
 def run(argv=None):
     args = parse_args(argv)
     prompts = check_args(args)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     n = len(prompts) * args.num_images
     out, out_dir = output_plan(args, n)

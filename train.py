@@ -861,16 +861,6 @@ def parse_args(argv=None):
     return args
 
 
-def pick_device(name, local_rank):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.export:
@@ -882,7 +872,7 @@ def main(argv=None):
     cli.set_threads(None, 12 * args.depth * args.width ** 2)      # the trunk's parameters, roughly
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    dev = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = cli.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
