@@ -911,8 +911,9 @@ def run(argv=None):
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if image is not None:
-        note = fit_edit_inputs(image, mask, pipe.image_size)[2]
+    if image is not None:   # fitted once here, for the note; edit() then finds them at the right size
+        image, regenerate, note = fit_edit_inputs(image, mask, pipe.image_size)
+        mask = regenerate
         if note:
             print(note)
     t0 = time.perf_counter()

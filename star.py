@@ -730,7 +730,6 @@ class STAR(nn.Module):
         tokens_NlC = self.start_tokens(pooled_ND) + self.lvl_embed.weight[0]   # (N, 1, C)
         idx_list, scale_imgs = [], []
         for si, pn in enumerate(config.patch_nums):
-            begin, end = self.begin_ends[si]
             t = cfg * si / (K - 1)                     # guidance ramps from 0 to cfg
             x_NlC = self.trunk_step(si, tokens_NlC, texts, caches)
             edit = None if keep is None else (known_idx[si], keep[si])       # (B, l) image tokens, keep
