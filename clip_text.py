@@ -323,6 +323,10 @@ class TextConfig:
     intermediate: int | None = None  # MLP hidden width; None means 4 * width
     act: str = "gelu"  # "gelu" (exact, erf; SD-2.1) or "quick_gelu" (x * sigmoid(1.702 x); OpenAI CLIP)
     eps: float = 1e-5  # LayerNorm epsilon
+    # CLIP's encoder is causal: a word's state sees only the words before it. An encoder trained from
+    # scratch may attend both ways, so that the first object of "a red circle to the left of a blue
+    # square" knows it is on the left (see README, "The bundled model").
+    causal: bool = True
     # the defaults are SD-2.1's text encoder (340,387,840 parameters)
 
     def __post_init__(self):
@@ -447,9 +451,12 @@ class TextEncoder(nn.Module):
         if T > self.config.context_length:
             raise ValueError(f"ids have {T} positions but the text encoder has {self.config.context_length}")
         x_BTC = self.embeddings.token_embedding(ids_BT) + self.embeddings.position_embedding.weight[:T]
-        # additive attention bias: query t sees keys <= t (causal) that are not padding. finfo.min rather
-        # than -inf keeps a row that sees nothing (an all-zero mask) finite instead of NaN
-        allowed_B1TT = torch.ones(T, T, dtype=torch.bool, device=ids_BT.device).tril()[None, None]
+        # additive attention bias: query t sees the keys that are not padding, and with a causal encoder
+        # only those <= t. finfo.min rather than -inf keeps a row that sees nothing (an all-zero mask)
+        # finite instead of NaN
+        allowed_B1TT = torch.ones(T, T, dtype=torch.bool, device=ids_BT.device)[None, None]
+        if self.config.causal:
+            allowed_B1TT = allowed_B1TT.tril()
         if mask_BT is not None:
             allowed_B1TT = allowed_B1TT & mask_BT.bool()[:, None, None, :]
         bias_B1TT = torch.zeros(allowed_B1TT.shape, dtype=x_BTC.dtype, device=x_BTC.device)

@@ -345,7 +345,8 @@ def build_stage(stage, args, ck, data):
             caps = data.captions(args.seed)
             tok = Tokenizer.train(caps, args.text_vocab)
             text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, context_length=args.text_context, width=args.text_width,
-                                          layers=args.text_layers, heads=max(1, args.text_width // 64)))
+                                          layers=args.text_layers, heads=max(1, args.text_width // 64),
+                                          causal=args.text_attention == "causal"))
         star = STAR(default_star_config(args, text.config.width, vae.config), vae)
     if stage == "head" or args.text_encoder:
         text.requires_grad_(False)
@@ -685,7 +686,7 @@ STEPS_FLAG = {"vae": "vae_steps", "star": "star_steps", "head": "head_steps"}
 # the sizes a later stage takes over from the checkpoint of the stage before it
 VAE_SETTINGS = ("resolution", "patch_nums", "vocab_size", "vae_ch", "vae_res_blocks")
 STAR_SETTINGS = VAE_SETTINGS + ("depth", "width", "head_from", "text_vocab", "text_width", "text_layers",
-                                "text_context", "text_encoder", "tokenizer")
+                                "text_context", "text_attention", "text_encoder", "tokenizer")
 
 
 def build_parser():
@@ -719,6 +720,8 @@ def build_parser():
     p.add_argument("--text-width", type=cli.int_range(64, 65536), default=128,
                    help="text encoder width (multiple of 64)")
     p.add_argument("--text-layers", type=cli.int_range(1, 1024), default=2, help="text encoder blocks")
+    p.add_argument("--text-attention", choices=("causal", "full"), default="causal",
+                   help="text encoder trained from scratch: causal like CLIP, or full (each word sees the whole caption)")
     p.add_argument("--text-context", type=cli.int_range(8, 65536), default=32,
                    help="text tokens incl. start/end (CLIP: 77); at least 8, room for 6 caption tokens")
     p.add_argument("--pool", type=positive_int, default=24000, help="training samples tokenized once for STAR/head")
