@@ -493,10 +493,18 @@ def summarize(results):
     return table
 
 
+def reverse_relation(caption_text):
+    """The two-object caption with its relation turned round: "A left of B" -> "A right of B"."""
+    turn = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+            "below": "above"}
+    return re.sub("|".join(turn), lambda m: turn[m.group(0)], caption_text, count=1)
+
+
 def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=None, stable=None, grid=None,
              threads=None):
     """Generate images for n held-out captions with a checkpoint and judge them; returns summarize()'s table
-    and a row 'white/black bg' for the captions that name one of those two backgrounds.
+    and a row 'white/black bg' for the captions that name one of those two backgrounds. The two-object
+    row's 'reversed' is how often the relation holds for the caption with its relation turned round.
     threads: CPU threads (None: cli.set_threads's choice for the model's size)."""
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt {ckpt}: no such file; train one with train.py or pass checkpoints/shapes.pt")
@@ -507,15 +515,21 @@ def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=Non
     cli.set_threads(threads, pipe.num_parameters)
     options = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p, stable=stable).items() if v is not None}
     captions = heldout_captions(n, seed)
-    results, shown = [], []
+    results, all_images = [], []
     for i in range(0, n, batch_size):
         prompts = captions[i:i + batch_size]
         images = np.asarray(pipe.generate(prompts, seed=seed + i, **options))     # each batch its own seed
         results += [judge(c, im) for c, im in zip(prompts, images)]
-        shown += list(images[:max(0, 64 - len(shown))])
+        all_images += list(images)
     if grid:
-        save_grid(shown, grid, scale=2, cols=8)
+        save_grid(all_images[:64], grid, scale=2, cols=8)
     table = summarize(results)
+    # a relation that does not hold may be reversed (the objects drawn the other way round, i.e. the model
+    # ignored which object the caption names first) or neither (an object missing or misplaced)
+    two = [(c, im) for c, im, r in zip(captions, all_images, results) if "relation" in r]
+    if two:
+        table["two-object"]["reversed"] = float(np.mean([judge(reverse_relation(c), im)["relation"]
+                                                         for c, im in two]))
     # white and black are the backgrounds a model can swap (gray sits between them): their own row
     named = [r["background"] for c, r in zip(captions, results)
              if c.endswith((" white background", " black background"))]
@@ -526,7 +540,7 @@ def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=Non
 
 def print_table(table, file=None):
     file = file or sys.stdout
-    keys = ["ok", "colour", "shape", "size", "position", "relation", "count", "background"]
+    keys = ["ok", "colour", "shape", "size", "position", "relation", "reversed", "count", "background"]
     print(f"{'prompts':<12}{'n':>5}" + "".join(f"{k:>12}" for k in keys), file=file)
     for g, row in table.items():
         cells = "".join(f"{100 * row[k]:>11.1f}%" if k in row else f"{'-':>12}" for k in keys)

@@ -263,6 +263,7 @@ def test_eval_with_a_stand_in_pipeline(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sample", fake)
     table = shapes.evaluate(str(ckpt), n=12, seed=4, batch_size=5, cfg=2.0, stable=False)
     assert table["one-object"]["ok"] == table["two-object"]["ok"] == 1.0 and table["all"]["n"] == 12
+    assert table["two-object"]["reversed"] == 0.0 and "reversed" not in table["one-object"]
     assert calls == [(5, 4, {"cfg": 2.0, "stable": False}), (5, 9, {"cfg": 2.0, "stable": False}),
                      (2, 14, {"cfg": 2.0, "stable": False})]
     fake.load_pipeline = lambda path: Pipeline(blank=True)
@@ -361,3 +362,19 @@ def test_bundled_model_tells_white_from_black(one_thread):
     images = pipe.generate(captions, seed=7)
     drawn = np.mean([judge(c, im)["background"] for c, im in zip(captions, images)])
     assert drawn >= 0.85, drawn
+
+
+def test_reverse_relation_turns_the_relation_round():
+    assert shapes.reverse_relation("a red circle to the left of a blue square on a white background") == \
+        "a red circle to the right of a blue square on a white background"
+    assert shapes.reverse_relation("a red circle below a blue square") == "a red circle above a blue square"
+    # a scene drawn for the reversed caption holds the reversed relation, not the caption's own
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        scene = random_scene(rng, n_objects=2)
+        text = caption(scene)
+        a, b = scene.objects
+        a.cx, b.cx, a.cy, b.cy = b.cx, a.cx, b.cy, a.cy            # swap the two objects' places
+        image = render(scene)
+        assert judge(shapes.reverse_relation(text), image)["relation"]
+        assert not judge(text, image)["relation"]
