@@ -1,8 +1,9 @@
 """CLIP's text side, from scratch: the byte-level BPE tokenizer and the text transformer.
 
-STAR (arXiv 2406.10797) conditions its image transformer on a frozen CLIP text encoder, the Stable
-Diffusion 2.1 text tower (OpenCLIP ViT-H/14's text transformer minus its last layer: 1024 wide,
-23 layers, 16 heads). This file is the whole path from a caption to what star.py consumes:
+STAR (arXiv 2406.10797, section 3.2) conditions its image transformer on a frozen CLIP text encoder,
+the Stable Diffusion 2.1 text tower (OpenCLIP ViT-H/14's text transformer minus its last layer: 1024
+wide, 23 layers, 16 heads): its pooled feature makes the start token, its token states feed every
+cross-attention. This file is the whole path from a caption to what star.py consumes:
 
     caption --Tokenizer--> ids (B, 77), mask (B, 77) --TextEncoder--> hidden (B, 77, C), pooled (B, C)
 

@@ -242,8 +242,8 @@ class CrossAttention(QKNormAttention):
         mask_B11T = (text_mask_BT != 0)[:, None, None, :]                   # True = real token
         return F.normalize(k, dim=-1), v, mask_B11T
 
-    def forward(self, x_BLC, text):
-        k, v, mask = text
+    def forward(self, x_BLC, text_kv):
+        k, v, mask = text_kv                                                 # from text_kv() above
         B, L, C = x_BLC.shape
         q = F.normalize(self.split_heads(F.linear(x_BLC, self.mat_q.weight, self.q_bias)), dim=-1)
         out = F.scaled_dot_product_attention(q * self.head_scale(), k, v, attn_mask=mask, scale=1.0)
@@ -274,16 +274,17 @@ class Block(nn.Module):
     def ln(self, x):  # one non-affine LayerNorm, used before each of the three branches
         return layer_norm(x, self.eps)
 
-    def forward(self, x_NLC, rope_Lc2, mask=None, text=None, cache=None, begin=0):
+    def forward(self, x_NLC, rope_Lc2, mask=None, text_kv=None, cache=None, begin=0):
         p = self.drop_path_rate
         x_NLC = x_NLC + drop_path(self.attn(self.ln(x_NLC), rope_Lc2, mask, cache, begin), p, self.training)
         if self.cross_attn is not None:
-            # text holds Bt rows. When Bt < N (guidance in 'batch_of_one' mode: N = 2 Bt rows
+            # Cross-attention to the text (paper section 3.2). text_kv (CrossAttention.text_kv: keys,
+            # values, mask) holds Bt rows. When Bt < N (guidance in 'batch_of_one' mode: N = 2 Bt rows
             # [cond; uncond]) only the first Bt rows are computed and row r's output is added to rows
             # r, r + Bt, ...: both guidance rows of a prompt get its conditional cross-attention.
             h_NLC = self.ln(x_NLC)
-            Bt = text[0].shape[0]
-            x_NLC = x_NLC + self.cross_attn(h_NLC[:Bt], text).repeat(x_NLC.shape[0] // Bt, 1, 1)
+            Bt = text_kv[0].shape[0]
+            x_NLC = x_NLC + self.cross_attn(h_NLC[:Bt], text_kv).repeat(x_NLC.shape[0] // Bt, 1, 1)
         return x_NLC + drop_path(self.ffn(self.ln(x_NLC)), p, self.training)
 
 # -----------------------------------------------------------------------------
@@ -416,29 +417,32 @@ class STAR(nn.Module):
 
     def __init__(self, config, vae=None):
         super().__init__()
-        self.config = cfg = config
-        C, K = cfg.width, len(cfg.patch_nums)
+        self.config = config
+        C, K = config.width, len(config.patch_nums)
         self._vae = (vae,)  # a tuple hides the VQ-VAE from state_dict(), .parameters() and .to()
         # Modules are registered in the order of the released checkpoints so that state_dict()
         # lists the keys exactly as they do.
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))               # start token position bias
-        if cfg.head:
+        if config.head:
             self.pos_start_last = nn.Parameter(torch.zeros(1, 1, C))      # bias of the head's text token
-        self.word_embed = nn.Linear(cfg.vae_dim, C)                       # latent -> token
-        if cfg.class_emb:
+        self.word_embed = nn.Linear(config.vae_dim, C)                    # latent -> token
+        if config.class_emb:
             # Left over from class-conditional VAR: never used, but in every released checkpoint.
             self.class_emb = nn.Embedding(1001, C)
         self.lvl_embed = nn.Embedding(K, C)                               # which scale a token is on
-        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # grows with depth
-        self.blocks = nn.ModuleList(Block(cfg, dpr[i]) for i in range(cfg.depth))
-        self.head_logits = nn.Linear(C, cfg.vocab_size)
-        self.encoder_proj = nn.Linear(cfg.text_dim, C)                    # pooled text -> start token
-        if cfg.head:
-            self.word_embed_head = nn.Linear(cfg.vae_dim, C)              # committed code vectors
+        dpr = [config.drop_path_rate * i / max(config.depth - 1, 1)     # grows with depth
+               for i in range(config.depth)]
+        self.blocks = nn.ModuleList(Block(config, dpr[i]) for i in range(config.depth))
+        # The trunk's output layer (C -> V), not part of the sampler head: the name is the released
+        # checkpoints' key 'head_logits.weight' and must stay so that they load.
+        self.head_logits = nn.Linear(C, config.vocab_size)
+        self.encoder_proj = nn.Linear(config.text_dim, C)                 # pooled text -> start token
+        if config.head:
+            self.word_embed_head = nn.Linear(config.vae_dim, C)           # committed code vectors
             self.feat_extract_blocks = nn.ModuleList(
-                Block(cfg, dpr[min(i, cfg.depth - 1)], cross=False) for i in range(cfg.head_depth))
-            self.head_logits2 = nn.Linear(C, cfg.vocab_size)
-            self.encoder_proj2 = nn.Linear(cfg.text_dim, C)               # pooled text -> head token
+                Block(config, dpr[min(i, config.depth - 1)], cross=False) for i in range(config.head_depth))
+            self.head_logits2 = nn.Linear(C, config.vocab_size)
+            self.encoder_proj2 = nn.Linear(config.text_dim, C)            # pooled text -> head token
             self.head_proj = nn.Linear(2 * C, C)                          # [head input; trunk feature]
             self.lvl_embed_2 = nn.Embedding(K, C)
 
@@ -447,15 +451,15 @@ class STAR(nn.Module):
 
     def _make_tables(self):
         """Non-persistent tables (not in the checkpoints; they follow the model across devices)."""
-        cfg, device = self.config, self.pos_start.device
+        config, device = self.config, self.pos_start.device
         self.begin_ends = []                                               # token range of every scale
-        for pn in cfg.patch_nums:
+        for pn in config.patch_nums:
             start = self.begin_ends[-1][1] if self.begin_ends else 0
             self.begin_ends.append((start, start + pn * pn))
-        lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(cfg.patch_nums)])
+        lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(config.patch_nums)])
         self.register_buffer('lvl_L', lvl_L.to(device), persistent=False)     # (L,) scale of each token
-        rope = torch.cat([rope_2d(pn, cfg.width // cfg.num_heads, cfg.rope_theta, cfg.rope_norm)
-                          for pn in cfg.patch_nums])
+        rope = torch.cat([rope_2d(pn, config.width // config.num_heads, config.rope_theta, config.rope_norm)
+                          for pn in config.patch_nums])
         self.rope_Lc2 = torch.view_as_real(rope).clone().to(device)            # (L, c/2, 2) cos, sin
 
     def _apply(self, fn, recurse=True):
@@ -529,8 +533,8 @@ class STAR(nn.Module):
         # block-causal mask (L, L): a token sees every token of its own scale and of coarser scales
         mask_LL = self.lvl_L[:, None] >= self.lvl_L[None, :]
         for block in self.blocks:
-            text = block.cross_attn.text_kv(text_hidden, text_mask)
-            x_BLC = block(x_BLC, self.rope_Lc2, mask_LL, text)
+            text_kv = block.cross_attn.text_kv(text_hidden, text_mask)
+            x_BLC = block(x_BLC, self.rope_Lc2, mask_LL, text_kv)
         return x_BLC
 
     def logits(self, h_NLC):
@@ -561,7 +565,7 @@ class STAR(nn.Module):
     # ------------------------------------------------------------------ sampler head
 
     def head_forward(self, prev_NlC, e_NlCv, text_pooled_ND, si=None, return_hidden=False):
-        """The sampler head: re-predict a scale's tokens knowing the ones already committed.
+        """The sampler head (paper section 3.4): re-predict a scale's tokens knowing the committed ones.
 
         prev_NlC: trunk features (last block, before logit_norm) of the tokens; e_NlCv: codebook
         vectors of the committed tokens, zero elsewhere; text_pooled_ND: pooled text of each row.
@@ -571,13 +575,13 @@ class STAR(nn.Module):
         Returns logits (N, l, V) (text token dropped); with return_hidden the last head block's
         output (N, 1 + l, C) too.
         """
-        cfg = self.config
+        config = self.config
         txt_N1C = self.encoder_proj2(text_pooled_ND)[:, None] + self.pos_start_last  # no level embedding
         if si is not None:
             begin, end = self.begin_ends[si]
             mask = None
         else:
-            begin, end = self.begin_ends[cfg.sample_from_idx][0], cfg.seq_len
+            begin, end = self.begin_ends[config.sample_from_idx][0], config.seq_len
             lvl = torch.cat([self.lvl_L.new_full((1,), -1), self.lvl_L[begin:end]])  # -1 = text token
             mask = (lvl[:, None] == lvl[None, :]) | (lvl[:, None] < 0) | (lvl[None, :] < 0)
         img_NlC = self.word_embed_head(e_NlCv) + self.lvl_embed_2(self.lvl_L[begin:end])
@@ -587,7 +591,7 @@ class STAR(nn.Module):
         rope = torch.cat([self.rope_Lc2[:1], self.rope_Lc2[begin:end]])      # text token: angle 0
         for block in self.feat_extract_blocks:
             y = block(y, rope, mask)
-        h = layer_norm(y, cfg.norm_eps) if cfg.logit_norm else y
+        h = layer_norm(y, config.norm_eps) if config.logit_norm else y
         logits = self.head_logits2(h).float()[:, 1:]
         return (logits, y) if return_hidden else logits
 
@@ -625,7 +629,7 @@ class STAR(nn.Module):
     def generate(self, prompt_hidden, prompt_mask, prompt_pooled, empty_hidden, empty_mask, empty_pooled,
                  cfg=4.0, top_k=600, top_p=0.8, generator=None, stable=None, images_per_prompt=1,
                  return_indices=False, return_scales=False, known_idx=None, keep=None):
-        """Generate images scale by scale with a KV cache and classifier-free guidance.
+        """Generate images scale by scale with a KV cache and classifier-free guidance (paper section 3.1).
 
         prompt_hidden (B, T, text_dim), prompt_mask (B, T), prompt_pooled (B, text_dim): the text
             encoder's states, padding mask (1 = real token) and pooled feature of B prompts.
@@ -635,14 +639,14 @@ class STAR(nn.Module):
         top_k, top_p: sampling filters (top_k=1 is greedy; 0 disables either one).
         generator: CPU torch.Generator for every random draw (None: torch's global RNG).
         stable: commit the tokens of scales >= sample_from_idx over several steps with the sampler
-            head (default: on when the model has one). Buys tokens chosen knowing their already
-            committed neighbours instead of all at once; costs, per such scale, one draw per step
-            and a pass of the small head over 1 + pn*pn tokens at every step that is not a trunk
+            head (section 3.4; default: on when the model has one). Buys tokens chosen knowing their
+            already committed neighbours instead of all at once; costs, per such scale, one draw per
+            step and a pass of the small head over 1 + pn*pn tokens at every step that is not a trunk
             step (star-1024-sampler: 3 head passes at scales 9..12 and 15 at the 64x64 scale,
             47 draws instead of 5).
         images_per_prompt: images drawn for every prompt (rows i*n .. i*n+n-1 belong to prompt i).
-        return_indices: also return the index maps, a list of K LongTensors (B, pn*pn).
-        return_scales: also return the image after every scale (list of K images).
+        return_indices: also return the index maps (see Returns).
+        return_scales: also return the image after every scale (see Returns).
         known_idx, keep: edit an image instead (inpainting, outpainting): known_idx are its index maps
             (vae.img_to_idx: K LongTensors (1 or B, pn*pn)), keep says which of them to keep (K bool
             tensors of the same shapes, e.g. keep_masks(pixel_mask, patch_nums)). At every scale the
@@ -651,9 +655,16 @@ class STAR(nn.Module):
             draws the rest conditioned on them and on the prompt. With the sampler head the kept
             tokens count as committed before the first step. Keeping everything gives the VQ-VAE's
             reconstruction of the image; keeping nothing the ordinary image of the same seed.
-        Returns the images (B, 3, H, W) in [0, 1]; with return_indices / return_scales a tuple
-        (images, index maps if asked, per-scale images if asked).
-        The VQ-VAE given at construction decodes; its patch_nums must be the model's.
+
+        Returns, with N = B * images_per_prompt rows (prompt-major) and K scales:
+            return_indices=False, return_scales=False: images
+            return_indices=True,  return_scales=False: (images, index_maps)
+            return_indices=False, return_scales=True:  (images, scale_images)
+            return_indices=True,  return_scales=True:  (images, index_maps, scale_images)
+        images: (N, 3, H, W) float in [0, 1], decoded by the VQ-VAE given at construction (whose
+        patch_nums must be the model's), on its device. index_maps: K LongTensors (N, pn*pn), row-major,
+        coarse to fine. scale_images: K images (N, 3, H, W) in [0, 1], each decoded from f_hat after
+        that scale (the last one equals images).
         """
         config, vae = self.config, self.vae
         if vae is None or tuple(vae.config.patch_nums) != config.patch_nums:
@@ -672,10 +683,10 @@ class STAR(nn.Module):
         if empty_hidden.shape[0] not in (1, B):
             raise ValueError(f"STAR.generate: the empty-prompt encoding has batch {empty_hidden.shape[0]}; "
                              f"expected 1 or the number of prompts ({B})")
-        text = [prompt_hidden, prompt_mask, prompt_pooled] + [
+        encodings = [prompt_hidden, prompt_mask, prompt_pooled] + [   # the six text inputs, B rows each
             t.expand(B, *t.shape[1:]) for t in (empty_hidden, empty_mask, empty_pooled)]
         if images_per_prompt > 1:
-            text = [t.repeat_interleave(images_per_prompt, dim=0) for t in text]
+            encodings = [t.repeat_interleave(images_per_prompt, dim=0) for t in encodings]
         if (known_idx is None) != (keep is None):
             raise ValueError("STAR.generate: an edit needs both known_idx (the image's index maps) and keep "
                              "(which tokens to keep at every scale)")
@@ -684,8 +695,8 @@ class STAR(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            img, idx_list, scale_imgs = self._generate(*text, cfg, top_k, top_p, generator, stable, return_scales,
-                                                       known_idx, keep)
+            img, idx_list, scale_imgs = self._generate(*encodings, cfg, top_k, top_p, generator, stable,
+                                                       return_scales, known_idx, keep)
         finally:
             self.train(was_training)
         out = (img,) + ((idx_list,) if return_indices else ()) + ((scale_imgs,) if return_scales else ())
@@ -721,7 +732,8 @@ class STAR(nn.Module):
             text_h, text_m = prompt_hidden, prompt_mask
         else:                                          # uncond rows attend to the empty prompt
             text_h, text_m = torch.cat([prompt_hidden, empty_hidden]), torch.cat([prompt_mask, empty_mask])
-        texts = [blk.cross_attn.text_kv(text_h.to(dev, dtype), text_m.to(dev)) for blk in self.blocks]
+        # every block's text keys, values and mask, computed once for the whole generation
+        text_kvs = [blk.cross_attn.text_kv(text_h.to(dev, dtype), text_m.to(dev)) for blk in self.blocks]
         caches = [KVCache(N, H, config.seq_len, c, dev, dtype) for _ in self.blocks]
 
         codebook_VCv = vae.quantize.embedding.weight
@@ -731,7 +743,7 @@ class STAR(nn.Module):
         idx_list, scale_imgs = [], []
         for si, pn in enumerate(config.patch_nums):
             t = cfg * si / (K - 1)                     # guidance ramps from 0 to cfg
-            x_NlC = self.trunk_step(si, tokens_NlC, texts, caches)
+            x_NlC = self.trunk_step(si, tokens_NlC, text_kvs, caches)
             edit = None if keep is None else (known_idx[si], keep[si])       # (B, l) image tokens, keep
             if stable and si >= config.sample_from_idx:
                 idx_Bl, _ = self._stable_scale(si, x_NlC, pooled_ND, cfg, t, top_k, top_p, generator, edit)
@@ -755,7 +767,7 @@ class STAR(nn.Module):
     # The steps of one scale: what runs between two token draws. With compile_decoding() each becomes
     # one torch.compile graph per scale (a scale's shapes never change); eager runs the same methods.
 
-    def trunk_step(self, si, tokens_NlC, texts, caches):
+    def trunk_step(self, si, tokens_NlC, text_kvs, caches):
         """The trunk on scale si's tokens (N, l, C) -> last block's output (N, l, C) (before logit_norm).
 
         Each block's keys and values go into its cache at the scale's positions; the scale attends to
@@ -763,8 +775,8 @@ class STAR(nn.Module):
         """
         begin, end = self.begin_ends[si]
         x_NlC = tokens_NlC
-        for block, text, cache in zip(self.blocks, texts, caches):
-            x_NlC = block(x_NlC, self.rope_Lc2[begin:end], None, text, cache, begin)
+        for block, text_kv, cache in zip(self.blocks, text_kvs, caches):
+            x_NlC = block(x_NlC, self.rope_Lc2[begin:end], None, text_kv, cache, begin)
         return x_NlC
 
     def trunk_candidates(self, x_NlC, t, top_k, top_p):
@@ -776,7 +788,7 @@ class STAR(nn.Module):
         return filter_logits(guide(self.head_forward(x_NlC, e_NlCv, pooled_ND, si), cfg), top_k, top_p)
 
     def _stable_scale(self, si, x_NlC, pooled_ND, cfg, t, top_k, top_p, generator, edit=None):
-        """Causal-driven stable sampling of one scale (the reference's '1024' variant).
+        """Causal-driven stable sampling of one scale (paper section 3.4; the reference's '1024' variant).
 
         The pn*pn tokens are committed over S steps following the arccos schedule. At the leading
         stable_trunk_steps steps (not at the last scale) tokens are drawn from the trunk's own
@@ -810,9 +822,12 @@ class STAR(nn.Module):
                 if trunk_cand is None:                 # the trunk's logits do not change within a scale
                     trunk_cand = self.trunk_candidates(x_NlC, t, top_k, top_p)
                 new_idx_Bl, conf_Bl = draw_tokens(*trunk_cand, generator)
-                # A trunk step commits twice, as the reference does: here its n most confident draws
-                # (already committed positions among them keep their token, so fewer may be new), and
-                # below n more among the uncommitted ones: up to 2n new tokens at such a step.
+                # A trunk step commits twice, exactly as the reference's sampler does: here its n most
+                # confident draws over ALL positions (committed ones among them keep their token, so 0
+                # to n are new), then below n more among the uncommitted ones. So such a step commits
+                # n to 2n new tokens (fewer only when fewer are left), not the schedule's n, and a map
+                # is usually complete before its last step (which then commits nothing). Why keep it:
+                # the released sampler head was run this way; committing only n gives other images.
                 commit(idx_Bl, commit_step_Bl, new_idx_Bl, conf_Bl, n, s)
             else:
                 committed_Bl1 = (commit_step_Bl >= 0)[..., None]
