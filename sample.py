@@ -119,28 +119,15 @@ def _guarded(what, path, load):
 
 @contextmanager
 def scale_progress(star, desc, enabled=True):
-    """A tqdm bar over the scales of one STAR.generate call inside the block.
-
-    STAR.generate takes no callback, but its first trunk block runs exactly once per scale, so a
-    forward pre-hook on that block marks the end of the previous scale; the last one ends with the call.
-    """
+    """A tqdm bar over the scales of one STAR.generate call inside the block; yields the on_scale
+    callback to pass to it, which advances the bar as each scale's tokens are drawn."""
     bar = tqdm(total=len(star.config.patch_nums), desc=desc, unit="scale", disable=not enabled)
-    started = 0
-
-    def on_scale_start(module, inputs):                  # returns None: the block's input stays as it is
-        nonlocal started
-        if started:
-            bar.update(1)
-        started += 1
-    hook = star.blocks[0].register_forward_pre_hook(on_scale_start)
     try:
-        yield bar
-        bar.update(bar.total - bar.n)
+        yield lambda si, pn: bar.update(1)
     except BaseException:
         bar.leave = False                                # an error message should not follow a dead bar
         raise
     finally:
-        hook.remove()
         bar.close()
 
 
@@ -242,9 +229,11 @@ class Pipeline:
         images, scales = [], []
         for b, start in enumerate(range(0, N, batch_size)):
             rows = [t[start:start + batch_size] for t in text]
-            with scale_progress(self.star, f"batch {b + 1}/{math.ceil(N / batch_size)}", progress):
+            desc = f"batch {b + 1}/{math.ceil(N / batch_size)}"
+            with scale_progress(self.star, desc, progress) as on_scale:
                 out = self.star.generate(*rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p,
-                                         generator=generator, stable=stable, return_scales=return_scales)
+                                         generator=generator, stable=stable, return_scales=return_scales,
+                                         on_scale=on_scale)
             img_B3HW, per_scale = (out if return_scales else (out, None))
             images.append(to_uint8(img_B3HW))
             if return_scales:
@@ -323,10 +312,11 @@ class Pipeline:
         images = []
         for b, start in enumerate(range(0, N, batch_size)):
             rows = [t[start:start + batch_size] for t in text]
-            with scale_progress(self.star, f"batch {b + 1}/{math.ceil(N / batch_size)}", progress):
+            desc = f"batch {b + 1}/{math.ceil(N / batch_size)}"
+            with scale_progress(self.star, desc, progress) as on_scale:
                 images.append(to_uint8(self.star.generate(
                     *rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p, generator=generator,
-                    stable=stable, known_idx=known, keep=keep)))
+                    stable=stable, known_idx=known, keep=keep, on_scale=on_scale)))
         return np.concatenate(images)
 
 

@@ -628,7 +628,7 @@ class STAR(nn.Module):
     @torch.no_grad()
     def generate(self, prompt_hidden, prompt_mask, prompt_pooled, empty_hidden, empty_mask, empty_pooled,
                  cfg=4.0, top_k=600, top_p=0.8, generator=None, stable=None, images_per_prompt=1,
-                 return_indices=False, return_scales=False, known_idx=None, keep=None):
+                 return_indices=False, return_scales=False, known_idx=None, keep=None, on_scale=None):
         """Generate images scale by scale with a KV cache and classifier-free guidance (paper section 3.1).
 
         prompt_hidden (B, T, text_dim), prompt_mask (B, T), prompt_pooled (B, text_dim): the text
@@ -655,6 +655,9 @@ class STAR(nn.Module):
             draws the rest conditioned on them and on the prompt. With the sampler head the kept
             tokens count as committed before the first step. Keeping everything gives the VQ-VAE's
             reconstruction of the image; keeping nothing the ordinary image of the same seed.
+        on_scale: called as on_scale(si, pn) once per scale, in order si = 0 .. K-1, right after scale
+            si's tokens are drawn and added to f_hat (before the final decode); e.g. to advance a
+            progress bar. It changes nothing that is drawn.
 
         Returns, with N = B * images_per_prompt rows (prompt-major) and K scales:
             return_indices=False, return_scales=False: images
@@ -696,7 +699,7 @@ class STAR(nn.Module):
         self.eval()
         try:
             img, idx_list, scale_imgs = self._generate(*encodings, cfg, top_k, top_p, generator, stable,
-                                                       return_scales, known_idx, keep)
+                                                       return_scales, known_idx, keep, on_scale)
         finally:
             self.train(was_training)
         out = (img,) + ((idx_list,) if return_indices else ()) + ((scale_imgs,) if return_scales else ())
@@ -721,7 +724,8 @@ class STAR(nn.Module):
         return [m[0] for m in maps], [m[1] for m in maps]
 
     def _generate(self, prompt_hidden, prompt_mask, prompt_pooled, empty_hidden, empty_mask, empty_pooled,
-                  cfg, top_k, top_p, generator, stable, return_scales, known_idx=None, keep=None):
+                  cfg, top_k, top_p, generator, stable, return_scales, known_idx=None, keep=None,
+                  on_scale=None):
         config, vae = self.config, self.vae
         dev, dtype = self.pos_start.device, self.pos_start.dtype
         B, N, K = prompt_hidden.shape[0], 2 * prompt_hidden.shape[0], len(config.patch_nums)
@@ -757,6 +761,8 @@ class STAR(nn.Module):
             f_hat, next_BChw = vae.next_scale_input(si, f_hat, h_BChw)
             if return_scales:
                 scale_imgs.append(vae.fhat_to_img(f_hat).add(1).mul(0.5))
+            if on_scale is not None:
+                on_scale(si, pn)
             if si < K - 1:                             # next scale's input: f_hat resized to it
                 nb, ne = self.begin_ends[si + 1]
                 next_BlCv = next_BChw.flatten(2).transpose(1, 2).to(dev, dtype)

@@ -340,6 +340,17 @@ def test_sampling_is_seeded_and_returns_scales(vae):
         model.generate(*text_args(inp), stable=True)
 
 
+def test_on_scale_is_called_once_per_scale_in_order_and_changes_nothing(vae):
+    model, inp = load_fixture("star", vae)
+    kw = dict(cfg=4.0, top_k=50, top_p=0.95, return_indices=True)
+    calls = []
+    _, with_cb = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(3),
+                                on_scale=lambda si, pn: calls.append((si, pn)), **kw)
+    assert calls == list(enumerate(model.config.patch_nums))
+    _, without = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(3), on_scale=None, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(with_cb, without))
+
+
 def test_per_row_cross_attention_uses_the_empty_prompt(vae):
     model, inp = load_fixture("star", vae)
     h, m, p, eh, em, ep = text_args(inp)
