@@ -8,8 +8,8 @@ area-downsamples what is still unexplained, picks the nearest code vectors, bicu
 h x w, refines them with a small conv Phi and adds them to the running sum f_hat. The decoder turns f_hat
 back into an image. star.py predicts the token maps scale by scale through `idx_to_var_input` (teacher
 forcing) and `next_scale_input` (generation); sample.py decodes with `fhat_to_img`; train.py trains this
-model with `forward`, `reconstruction_loss`, `init_codebook` and `reseed_dead_codes` (recipe in
-`VQVAE.forward`). Loads VAR's released `vae_ch160v4096z32.pth`:
+model with `forward`, `reconstruction_loss`, `init_codebook` and `reseed_dead_codes` (the recipe is
+train.py's 'vae' stage). Loads VAR's released `vae_ch160v4096z32.pth`:
 
     vae = VQVAE.from_pretrained("vae_ch160v4096z32.pth")   # 256px images, patch_nums 1..16
     idx_list = vae.img_to_idx(img)                          # [(B, 1), (B, 4), ..., (B, 256)]
@@ -229,7 +229,9 @@ class Phi(nn.Conv2d):
 def phi_index(si: int, num_scales: int, num_phi: int) -> int:
     """Which of the num_phi shared Phi convs scale si uses: the one whose tick is nearest si / (SN - 1).
 
-    The ticks are spread over [0, 1] (for 4 Phis: 1/12, 13/36, 23/36, 11/12). Scales can sit exactly between
+    The K ticks are evenly spaced in [0, 1], as VAR computes them: for K = 4 (the released models)
+    linspace(1/12, 11/12, 4) = 1/12, 13/36, 23/36, 11/12; for any other K the bin centres
+    linspace(1/(2K), 1 - 1/(2K), K), e.g. 1/6, 1/2, 5/6 for K = 3. Scales can sit exactly between
     two ticks (SN=10: si 2 and 7; SN=7: si 3); the released tables come from numpy in float64, where
     rounding makes one side win by an ulp and argmin takes the first minimum. We compute exactly the same
     way rather than hard-coding tables, so every patch_nums length gets the reference's choice.
@@ -268,7 +270,8 @@ class MultiScaleQuantizer(nn.Module):
                              for si in range(len(cfg.patch_nums)))
         # VAR's usage statistic (per-scale EMA of code hits per batch); stored in the released weights
         self.register_buffer('ema_vocab_hit_SV', torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
-        # hits per code since the last init / re-seed: decides which codes are dead (not saved)
+        # hits per code since the last init / re-seed: decides which codes are dead. Not saved, to keep
+        # VAR's key set; train.py stores it beside the state dict so that a resumed run re-seeds exactly
         self.register_buffer('code_hits_V', torch.zeros(cfg.vocab_size), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -310,6 +313,19 @@ class MultiScaleQuantizer(nn.Module):
         pn = self.patch_nums[si]
         return F.interpolate(f_BChw, size=(pn, pn), mode='area')
 
+    # One scale of residual quantization is the same four steps wherever it runs (encoding, training,
+    # codebook init and re-seeding): z = _down_rows(f_rest); idx, h = _lookup(z); f_rest -= h. The
+    # subtraction stays with each caller (in place, or out of place for autograd in forward).
+    def _down_rows(self, si: int, f_rest_BChw):
+        """What scale si quantizes: the rest area-resized to pn x pn, as rows (B * pn*pn, Cvae), row-major."""
+        return self._down(si, f_rest_BChw).permute(0, 2, 3, 1).reshape(-1, self.Cvae)
+
+    def _lookup(self, si: int, z_NC, num_codes: int | None = None):
+        """Nearest codes of scale si's rows -> (idx_N, h_BChw): the token ids (B * pn*pn,) and what they
+        add to f_hat, the code vectors upsampled to (B, Cvae, Hl, Hl) through the scale's Phi."""
+        idx_N = self.nearest_code(z_NC, num_codes)
+        return idx_N, self.idx_to_h(si, idx_N.view(-1, self.patch_nums[si] ** 2))
+
     def _check_latent(self, f_BChw):
         Hl = self.patch_nums[-1]
         if f_BChw.dim() != 4 or f_BChw.shape[1] != self.Cvae or f_BChw.shape[-2:] != (Hl, Hl):
@@ -337,12 +353,10 @@ class MultiScaleQuantizer(nn.Module):
         f_rest, f_hat = f_BChw.clone(), torch.zeros_like(f_BChw)
         idx_list, f_hat_list = [], []
         for si, pn in enumerate(self.patch_nums):
-            z_BChw = self._down(si, f_rest)  # (B, Cvae, pn, pn)
-            idx_Bl = self.nearest_code(z_BChw.permute(0, 2, 3, 1).reshape(-1, self.Cvae)).view(-1, pn * pn)
-            h_BChw = self.idx_to_h(si, idx_Bl)  # (B, Cvae, Hl, Hl)
+            idx_N, h_BChw = self._lookup(si, self._down_rows(si, f_rest))  # h: (B, Cvae, Hl, Hl)
             f_hat.add_(h_BChw)
             f_rest.sub_(h_BChw)
-            idx_list.append(idx_Bl)
+            idx_list.append(idx_N.view(-1, pn * pn))
             f_hat_list.append(f_hat.clone())
         return idx_list, f_hat_list
 
@@ -403,10 +417,8 @@ class MultiScaleQuantizer(nn.Module):
             f_rest = f.detach().clone()
             f_hat = torch.zeros_like(f)
             vq_loss, usage = f.new_zeros(()), f.new_zeros(len(self.patch_nums))
-            for si, pn in enumerate(self.patch_nums):
-                z_BChw = self._down(si, f_rest)
-                idx_N = self.nearest_code(z_BChw.permute(0, 2, 3, 1).reshape(-1, self.Cvae))
-                h_BChw = self.idx_to_h(si, idx_N.view(-1, pn * pn))  # gradient reaches codebook and Phi
+            for si in range(len(self.patch_nums)):
+                idx_N, h_BChw = self._lookup(si, self._down_rows(si, f_rest))  # gradient: codebook and Phi
                 f_hat = f_hat + h_BChw
                 f_rest = f_rest - h_BChw.detach()
                 vq_loss = vq_loss + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f.detach())
@@ -425,12 +437,12 @@ class MultiScaleQuantizer(nn.Module):
         """Per scale: the residual vectors the lookup sees (N_si, Cvae) and their quantization errors."""
         f_rest = f_BChw.float().clone()
         z_list, err_list = [], []
-        for si, pn in enumerate(self.patch_nums):
-            z_NC = self._down(si, f_rest).permute(0, 2, 3, 1).reshape(-1, self.Cvae)
-            idx_N = self.nearest_code(z_NC)
+        for si in range(len(self.patch_nums)):
+            z_NC = self._down_rows(si, f_rest)
+            idx_N, h_BChw = self._lookup(si, z_NC)
             z_list.append(z_NC)
             err_list.append((z_NC - self.embedding.weight[idx_N]).square().sum(1))
-            f_rest -= self.idx_to_h(si, idx_N.view(-1, pn * pn))
+            f_rest -= h_BChw
         return z_list, err_list
 
     @torch.no_grad()
@@ -450,13 +462,12 @@ class MultiScaleQuantizer(nn.Module):
         bounds = np.round(np.cumsum([0] + [pn * pn for pn in self.patch_nums]) / L * V).astype(int)
         bounds[1] = max(bounds[1], 1)
         codebook_VC = self.embedding.weight
-        for si, pn in enumerate(self.patch_nums):
-            z_NC = self._down(si, f_rest).permute(0, 2, 3, 1).reshape(-1, self.Cvae)
+        for si in range(len(self.patch_nums)):
+            z_NC = self._down_rows(si, f_rest)
             lo, hi = int(bounds[si]), int(bounds[si + 1])
-            if hi > lo:
+            if hi > lo:                      # this scale's codes first, then the lookup among all so far
                 codebook_VC[lo:hi] = _kmeans(z_NC, hi - lo, kmeans_iters, generator)
-            idx_N = self.nearest_code(z_NC, num_codes=hi)
-            f_rest -= self.idx_to_h(si, idx_N.view(-1, pn * pn))
+            f_rest -= self._lookup(si, z_NC, num_codes=hi)[1]
         _sync_codebook(self)
         self.code_hits_V.zero_()
 
@@ -578,27 +589,11 @@ class VQVAE(nn.Module):
     def forward(self, img_B3HW, quantize: bool = True):
         """Training forward: returns (recon (B, 3, H, W) unclamped, vq_loss (scalar), usage (SN,)).
 
+        Encode, quantize with a straight-through gradient (MultiScaleQuantizer.forward), decode.
         usage[si] = fraction of the codebook used by scale si's tokens in this batch. With quantize=False
-        the quantizer is bypassed (plain autoencoder, vq_loss 0, usage 0).
-
-        Recipe that trains a small tokenizer in minutes (64px shapes, 8x downsampling, V=512, 2 CPU cores):
-            opt = torch.optim.AdamW(vae.parameters(), lr=1e-3 to 2e-3, weight_decay=0)
-            for step in range(steps):
-                img = next_batch()                                   # (B, 3, H, W) in [-1, 1], B ~ 32-64
-                quantize = step >= warmup_steps                      # warmup_steps ~ 0.3 * steps
-                if step == warmup_steps:
-                    vae.init_codebook(img, generator=g)              # codes from encoder features, all scales
-                recon, vq_loss, usage = vae(img, quantize=quantize)
-                loss = reconstruction_loss(recon, img) + vq_loss
-                opt.zero_grad(); loss.backward(); opt.step()
-                if quantize and (step - warmup_steps) % 25 == 24:
-                    vae.reseed_dead_codes(img, generator=g)          # codes unused for 25 steps
-        A bigger batch for init_codebook (e.g. 4x the training batch) gives better initial codes. The hit
-        counters (quantize.code_hits_V) are not in the state dict, which keeps VAR's exact key set: save and
-        restore them beside it if a resumed run must re-seed exactly as an uninterrupted one. Under
-        DistributedDataParallel call these methods on the wrapped module (ddp.module) on every rank: they
-        all-reduce the hit counts and broadcast rank 0's codebook. Stop re-seeding for the last few hundred
-        steps if the final codebook should settle.
+        the quantizer is bypassed (plain autoencoder, vq_loss 0, usage 0): the warm-up before
+        init_codebook. The loss is reconstruction_loss(recon, img) + vq_loss; train.py's 'vae' stage
+        holds the whole recipe (warm-up, codebook init, dead-code re-seeding).
         """
         f_BChw = self.img_to_f(img_B3HW)
         if quantize:
@@ -609,7 +604,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def init_codebook(self, img_B3HW, generator=None, kmeans_iters: int = 5):
-        """Initialise the codebook from the encoder features of a batch, at every scale (after warm-up)."""
+        """Initialise the codebook from the encoder features of a batch, at every scale (after warm-up).
+        Under DistributedDataParallel call this and reseed_dead_codes on every rank (on ddp.module)."""
         self.quantize.init_codebook(self.img_to_f(img_B3HW), generator, kmeans_iters)
 
     @torch.no_grad()
