@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 import cli
-from sample import RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights
 from star import PRESETS, STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
+from weights import RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights
 
 TEXT_LEN = 77  # CLIP's context: cross-attention always runs over all 77 states (padding is masked)
 
@@ -81,7 +81,7 @@ def build(args, device, dtype):
                              "(with 'vae_config', 'vae' and 'star'); use --preset for random weights")
         vae = VQVAE(VQVAEConfig(**ck['vae_config']))
         vae.load_state_dict({k: v.float() for k, v in ck['vae'].items()})
-        model = STAR.from_pretrained(path, vae)
+        model = STAR.from_pretrained(ck, vae)           # the checkpoint's own star_config
         name, sampling = path.name, dict(ck.get('sampling', RELEASED_SAMPLING))
         check_stable(args, model.config, name)
     else:

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import weights
+
 # -----------------------------------------------------------------------------
 # The BPE tokenizer
 
@@ -159,8 +161,12 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer file {path} does not exist: pass OpenAI's bpe_simple_vocab_16e6.txt.gz "
                                     "or a Hugging Face tokenizer folder with vocab.json and merges.txt")
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")[1:]  # line 0 is a version header
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                lines = f.read().split("\n")[1:]  # line 0 is a version header
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise ValueError(f"tokenizer file {path} could not be read ({type(e).__name__}): expected "
+                             "OpenAI's bpe_simple_vocab_16e6.txt.gz or a text file of BPE merges") from None
         merges = cls._parse_merges(lines[:num_merges], path)
         return cls(cls.vocab_from_merges(merges), merges)
 
@@ -237,7 +243,7 @@ class Tokenizer:
         return cls(cls.vocab_from_merges(merges), merges)
 
     def state_dict(self) -> dict:
-        """Plain lists of strings (tokens never contain spaces), safe for torch.load(weights_only=True)."""
+        """Plain lists of strings (tokens never contain spaces), safe to torch.load with weights_only=True."""
         return {"vocab": list(self.vocab), "merges": [f"{a} {b}" for a, b in self.merges]}
 
     @classmethod
@@ -488,10 +494,15 @@ class TextEncoder(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} has no config.json: expected {expected}")
         config = TextConfig.from_hf(json.loads(config_path.read_text()), source=config_path)
-        weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
-        if weights is None:
+        names = ("model.safetensors", "pytorch_model.bin")
+        file = next((folder / n for n in names if (folder / n).is_file()), None)
+        if file is None:
             raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin: expected {expected}")
-        state = load_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_state(weights)
+        read = weights.read_safetensors if file.suffix == ".safetensors" else weights.read_weights
+        state = read(file, "text encoder weights")
+        if not isinstance(state, dict):
+            raise ValueError(f"text encoder weights {file} hold a {type(state).__name__}, expected a dict of "
+                             "tensors")
         # Hub files name keys "text_model.<name>"; older ones also store the constant position_ids buffer
         state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
         with torch.device("meta"):  # no memory and no random init for weights about to be replaced
@@ -499,55 +510,13 @@ class TextEncoder(nn.Module):
         own = model.state_dict()
         missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         if missing or unexpected:
-            raise ValueError(f"{weights} does not match {config_path} (keys named without 'text_model.'): "
+            raise ValueError(f"{file} does not match {config_path} (keys named without 'text_model.'): "
                              f"missing keys {missing[:4]}"
                              f"{' ...' if len(missing) > 4 else ''} ({len(missing)}), unexpected keys "
                              f"{unexpected[:4]}{' ...' if len(unexpected) > 4 else ''} ({len(unexpected)})")
         for k, v in own.items():
             if state[k].shape != v.shape:
-                raise ValueError(f"{weights}: key {k!r} has shape {tuple(state[k].shape)} but {config_path} "
+                raise ValueError(f"{file}: key {k!r} has shape {tuple(state[k].shape)} but {config_path} "
                                  f"implies {tuple(v.shape)}")
         model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
         return model.eval()
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def load_safetensors(path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file without the safetensors package. The format: 8 bytes (little-endian
-    uint64) = N, then N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, optional
-    "__metadata__"}, then the raw little-endian tensor bytes, offsets counted from the end of the header."""
-    data = bytearray(Path(path).read_bytes())  # writable, so the tensors can share it without a copy
-    n = int.from_bytes(data[:8], "little")
-    if len(data) < 8 or 8 + n > len(data):
-        raise ValueError(f"{path} is not a safetensors file (header length {n}, file size {len(data)} bytes)")
-    try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {e})") from None
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, info in header.items():
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        count, offset = (end - begin) // dtype.itemsize, 8 + n + begin
-        # frombuffer shares `data` (no copy) and reads native byte order: little-endian, like every common CPU
-        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])
-    return tensors
-
-
-def load_torch_state(path) -> dict[str, torch.Tensor]:
-    """A torch.save'd dict of tensors (pytorch_model.bin), loaded without running pickled code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} could not be read as a PyTorch state dict: {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a dict of tensors")
-    return state

@@ -21,11 +21,9 @@ import json
 import math
 import numbers
 import os
-import pickle
 import resource
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +38,8 @@ from cli import UserError
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from star import PRESETS, STAR, STARConfig, keep_masks
 from tokenizer import VQVAE, VQVAEConfig
+from weights import (RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights, released_config, star_state_dict,
+                     with_overrides)
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -47,71 +47,8 @@ from tokenizer import VQVAE, VQVAEConfig
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "shapes.pt"
 TRAIN_COMMAND = ("python train.py --out runs/shapes && "
                  "python train.py --export runs/shapes/head.pt checkpoints/shapes.pt")
-# Sampling settings when the caller gives none. A checkpoint's own 'sampling' entry wins over these.
-# the shapes world (train.py stores these in its checkpoints): the best of cfg 0-2.5 x top-k 2-20 on
-# 200 validation captions (shapes.heldout_captions seed 9, not the evaluation seeds) for the bundled model
-SHAPES_SAMPLING = dict(cfg=1.0, top_k=5, top_p=0.0)
-RELEASED_SAMPLING = dict(cfg=4.0, top_k=600, top_p=0.8)  # the reference's demo for the released models
 MAX_CFG = cli.MAX_CFG
 PIPELINE_PARTS = ("vae_config", "vae", "tokenizer", "text_config", "text_encoder", "star_config", "star")
-
-# -----------------------------------------------------------------------------
-# reading weight files: every failure becomes one line naming the file
-
-
-def _load_failure(what, path, exc):
-    """A ValueError for a weights file torch.load refused, whatever the layer that called it."""
-    chain = []
-    while exc is not None and exc not in chain:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    if any(isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e) for e in chain):
-        return ValueError(f"{what} {path} is not a plain weights file: torch.load(weights_only=True) refused it "
-                          "(it holds pickled Python objects, or is no PyTorch file at all) and nothing in it was "
-                          "run; use a file of tensors (if you trust its source, re-save its state dict once with "
-                          "torch.save)")
-    e = chain[-1]
-    detail = (str(e).strip().splitlines() or [""])[0][:120]
-    return ValueError(f"{what} {path} could not be read ({type(e).__name__}{': ' + detail if detail else ''}); "
-                      "the file is truncated, corrupt or of another kind: download or copy it again")
-
-
-def read_weights(path, what):
-    """torch.load(path, weights_only=True) on the CPU, memory-mapped when the file allows it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
-    if path.stat().st_size == 0:
-        raise ValueError(f"{what} {path} is empty (0 bytes): download or copy it again")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")        # old pickle protocols warn; the content is checked below
-            try:                                   # mmap: nothing is read until a tensor is used
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):           # e.g. a truncated zip archive
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
-    except Exception as e:
-        raise _load_failure(what, path, e) from None
-
-
-def _guarded(what, path, load):
-    """Run a library loader; a torch.load refusal inside it gets the same message as read_weights."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise ValueError(f"{what} {path} is empty (0 bytes): download or copy it again")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return load()
-    except (ValueError, FileNotFoundError) as e:   # the library's own clear messages ...
-        cause = e.__cause__ or e.__context__
-        if cause is None or isinstance(cause, (ValueError, KeyError, IndexError)):
-            raise
-        raise _load_failure(what, path, e) from None  # ... unless torch.load itself failed underneath
-    except (OSError, EOFError, RuntimeError, UnicodeDecodeError, pickle.UnpicklingError) as e:
-        raise _load_failure(what, path, e) from None
 
 # -----------------------------------------------------------------------------
 # the pipeline
@@ -383,7 +320,7 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
         raise ValueError(f"checkpoint {path} is incomplete: it lacks {absent}; write it again with train.py")
     try:
         vae_config, star_config = VQVAEConfig(**ck["vae_config"]), STARConfig(**ck["star_config"])
-        star_config = _override(star_config, patch_nums, rope_norm, rope_theta, f"checkpoint {path}")
+        star_config = with_overrides(star_config, patch_nums, rope_norm, rope_theta, f"checkpoint {path}")
         if star_config.patch_nums[-1] != vae_config.patch_nums[-1]:
             raise ValueError(f"--patch-nums {','.join(map(str, star_config.patch_nums))} ends at "
                              f"{star_config.patch_nums[-1]}, but the VQ-VAE of {path} decodes "
@@ -409,102 +346,8 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
                     trained_on)
     return pipe.to(device, dtype or torch.float32)
 
-
-def _override(config, patch_nums, rope_norm, rope_theta, source):
-    """STARConfig with the user's --patch-nums / --rope-norm / --rope-theta; the scale count is fixed."""
-    if patch_nums is not None and len(patch_nums) != len(config.patch_nums):
-        raise ValueError(f"--patch-nums gives {len(patch_nums)} scales, but {source} has {len(config.patch_nums)} "
-                         f"(one level embedding per scale): give {len(config.patch_nums)} sides, e.g. "
-                         f"{','.join(map(str, config.patch_nums))}")
-    changes = dict(patch_nums=patch_nums, rope_norm=rope_norm, rope_theta=rope_theta)
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})
-
 # -----------------------------------------------------------------------------
 # released weights (STAR on Hugging Face, VAR's VQ-VAE, SD-2.1's text encoder and tokenizer)
-
-
-def star_state_dict(ck, path):
-    """The STAR state dict inside a released / reference checkpoint, or a clear error for other files."""
-    if isinstance(ck, dict) and ck.get("format") == "star-pipeline":
-        raise ValueError(f"{path} is a checkpoint written by train.py, not released STAR weights: pass it as --ckpt")
-    sd = ck
-    if isinstance(ck, dict) and isinstance(ck.get("trainer"), dict) and "var_wo_ddp" in ck["trainer"]:
-        sd = ck["trainer"]["var_wo_ddp"]                     # {'trainer': {'var_wo_ddp': ...}}
-    elif isinstance(ck, dict) and isinstance(ck.get("model"), dict):
-        sd = ck["model"]                                     # {'config': ..., 'model': ...}
-    keys = set(sd) if isinstance(sd, dict) else set()
-    if {"pos_start", "lvl_embed.weight", "head_logits.weight", "word_embed.weight"} <= keys:
-        return sd
-    if "quantize.embedding.weight" in keys:
-        raise ValueError(f"{path} is a VQ-VAE checkpoint, not STAR weights: pass it as --vae, and the STAR file "
-                         "as --star")
-    if any(k.startswith(("text_model.", "encoder.layers.", "embeddings.token_embedding")) for k in keys):
-        raise ValueError(f"{path} holds a CLIP text encoder's weights, not STAR's: pass the folder holding it "
-                         "(with config.json) as --text-encoder, and the STAR file as --star")
-    found = sorted(keys)[:5] if keys else type(sd).__name__
-    raise ValueError(f"STAR weights {path}: not a STAR checkpoint (expected {{'trainer': {{'var_wo_ddp': ...}}}} or "
-                     f"a state dict with pos_start, lvl_embed.weight, blocks.0...; found {found})")
-
-
-def star_shape(sd):
-    """Everything about a STAR model that its weights' shapes tell: STARConfig fields + the scale count."""
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    width = sd["pos_start"].shape[-1]
-    shape = dict(depth=len(blocks), width=width, num_heads=sd["blocks.0.attn.scale_mul_1H11"].shape[1],
-                 mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / width,
-                 vocab_size=sd["head_logits.weight"].shape[0], vae_dim=sd["word_embed.weight"].shape[1],
-                 text_dim=sd["encoder_proj.weight"].shape[1], class_emb="class_emb.weight" in sd,
-                 head="head_proj.weight" in sd)
-    if shape["head"]:
-        shape["head_depth"] = len({int(k.split(".")[1]) for k in sd if k.startswith("feat_extract_blocks.")})
-    return shape, sd["lvl_embed.weight"].shape[0]
-
-
-def _describe(shape, K):
-    return (f"depth {shape['depth']}, width {shape['width']}, {K} scales, text width {shape['text_dim']}, "
-            f"{'with' if shape['head'] else 'without'} sampler head")
-
-
-def fitting_presets(shape, K):
-    """Names of the released presets whose weights have these shapes."""
-    def key(c):
-        fields = {f: getattr(c, f) for f in shape if f != "head_depth"}
-        return fields, (c.head_depth if c.head else None), len(c.patch_nums)
-    want = ({f: v for f, v in shape.items() if f != "head_depth"}, shape.get("head_depth"), K)
-    return [name for name, c in PRESETS.items() if key(c) == want]
-
-
-def released_config(sd, path, preset=None, patch_nums=None, rope_norm=None, rope_theta=None):
-    """STARConfig for released weights: the preset (checked against the shapes), the one preset that fits,
-    or, for weights that fit none, a config read off the shapes with the scales from --patch-nums."""
-    try:
-        shape, K = star_shape(sd)
-    except (KeyError, IndexError) as e:
-        raise ValueError(f"STAR weights {path}: cannot read the model's sizes (missing {e}); expected the "
-                         "layout of the released checkpoints") from None
-    fits = fitting_presets(shape, K)
-    source = f"STAR weights {path}"
-    if patch_nums is not None and len(patch_nums) != K:
-        raise ValueError(f"--patch-nums gives {len(patch_nums)} scales, but {source} has {K} (one level embedding "
-                         f"per scale): give {K} sides, coarse to fine")
-    if preset is not None:
-        if preset not in fits:
-            raise ValueError(f"--preset {preset} does not fit {source} ({_describe(shape, K)}); presets that fit: "
-                             f"{', '.join(fits) if fits else 'none (leave out --preset and give --patch-nums)'}")
-        config = PRESETS[preset]
-    elif fits and (patch_nums is not None or len({PRESETS[n].patch_nums for n in fits}) == 1):
-        config = PRESETS[fits[0]]
-    elif fits:
-        raise ValueError(f"{source} fit several presets ({', '.join(fits)}), which differ in resolution: "
-                         "pass --preset")
-    else:
-        if patch_nums is None:
-            raise ValueError(f"{source} fit no preset ({_describe(shape, K)}): pass --patch-nums with {K} "
-                             "sides, coarse to fine (and --rope-norm / --rope-theta if not 64 / 10000)")
-        # sample_from_idx is not stored in the weights: the released sampler starts at scale 9
-        config = STARConfig(**shape, patch_nums=patch_nums, cross_attn_mode="batch_of_one",
-                            sample_from_idx=9 if K > 9 else max(1, K - 3))
-    return _override(config, patch_nums, rope_norm, rope_theta, source)
 
 
 def load_released(star, vae, text_encoder, tokenizer, preset=None, patch_nums=None, rope_norm=None,
@@ -518,24 +361,27 @@ def load_released(star, vae, text_encoder, tokenizer, preset=None, patch_nums=No
         if folder is not None and Path(p).is_dir() != folder:
             raise ValueError(f"{what} {p} is a {'file' if folder else 'folder'}; expected a "
                              f"{'folder (with config.json and the weights)' if folder else 'file'}")
-    sd = star_state_dict(read_weights(star, "STAR weights"), star)
-    config = released_config(sd, star, preset, patch_nums, rope_norm, rope_theta)
-    del sd                                                    # from_pretrained reads the file itself
-    vae_model = _guarded("VQ-VAE weights", vae, lambda: VQVAE.from_pretrained(vae, patch_nums=config.patch_nums))
+    ck = read_weights(star, "STAR weights")                   # read once: config and model both come from it
+    if isinstance(ck, dict) and ck.get("format") == "star-pipeline":
+        raise ValueError(f"{star} is a checkpoint written by train.py, not released STAR weights: pass it as "
+                         "--ckpt")
+    sd, _ = star_state_dict(ck, f"STAR weights {star}")
+    config = released_config(sd, f"STAR weights {star}", preset, patch_nums, rope_norm, rope_theta)
+    vae_model = VQVAE.from_pretrained(vae, patch_nums=config.patch_nums)
     if (vae_model.config.vocab_size, vae_model.config.z_channels) != (config.vocab_size, config.vae_dim):
         raise ValueError(f"VQ-VAE weights {vae} have a {vae_model.config.vocab_size}x{vae_model.config.z_channels} "
                          f"codebook, but STAR weights {star} expect {config.vocab_size}x{config.vae_dim}: use the "
                          "VQ-VAE the model was trained with (VAR's vae_ch160v4096z32.pth for the released models)")
-    text = _guarded("text encoder folder", text_encoder, lambda: TextEncoder.from_pretrained(text_encoder))
+    text = TextEncoder.from_pretrained(text_encoder)
     if text.config.width != config.text_dim:
         raise ValueError(f"text encoder {text_encoder} is {text.config.width} wide, but STAR weights {star} expect "
                          f"{config.text_dim}-wide text states: use the text encoder the model was trained with "
                          "(SD-2.1's text_encoder for the released models)")
-    tok = _guarded("tokenizer", tokenizer, lambda: Tokenizer.from_file(tokenizer))
+    tok = Tokenizer.from_file(tokenizer)
     if tok.vocab_size > text.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens, more than the text encoder's "
                          f"{text.config.vocab_size}: use the tokenizer that goes with {text_encoder}")
-    model = _guarded("STAR weights", star, lambda: STAR.from_pretrained(star, vae_model, config=config))
+    model = STAR.from_pretrained(sd, vae_model, config=config)
     pipe = Pipeline(tok, text, vae_model, model, RELEASED_SAMPLING, config.head, str(star))
     return pipe.to(device, dtype or torch.float32)
 

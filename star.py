@@ -17,9 +17,8 @@ Read top to bottom: config, normalized 2D RoPE, attention, block, sampler-head p
 Tests: python -m pytest -q tests/test_star.py
 """
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -877,23 +876,22 @@ class STAR(nn.Module):
     def from_pretrained(cls, path, vae=None, preset=None, config=None):
         """Load STAR weights strictly.
 
-        path: a released checkpoint ({'trainer': {'var_wo_ddp': state_dict}}), a bare state dict, or
-        one of our own checkpoints ({'config': asdict(STARConfig), 'model': state_dict}, or train.py's
-        {'star_config': ..., 'star': ...}).
+        path: a file or an already read checkpoint in any layout of weights.star_state_dict (released
+        {'trainer': {'var_wo_ddp': state_dict}}, a bare state dict, our own {'config', 'model'} or
+        train.py's {'star_config', 'star', ...}).
         vae: the VQ-VAE used for generation (not part of the file). preset / config: which model
-        the weights are; by default the checkpoint's own config, else the one preset whose shapes
-        (and, given a vae, patch_nums) fit the weights. Returns the model on the CPU in eval mode.
+        the weights are; by default the checkpoint's own config, else the preset whose shapes (and,
+        given a vae, patch_nums) fit the weights. Returns the model on the CPU in eval mode.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"STAR checkpoint {path} not found")
-        state_dict, saved_config = _unwrap_checkpoint(torch.load(path, map_location='cpu', weights_only=True), path)
+        import weights                                  # file formats; it imports this file for PRESETS
+        name = "STAR state dict" if isinstance(path, dict) else f"STAR weights {path}"
+        ck = path if isinstance(path, dict) else weights.read_weights(path, "STAR weights")
+        state_dict, saved_config = weights.star_state_dict(ck, name)
         if config is None and preset is not None:
             config = STARConfig.preset(preset)
-        if config is None and saved_config is not None:
-            config = _config_from_dict(saved_config, path)
         if config is None:
-            config = _infer_preset(state_dict, vae, path)
+            config = saved_config or weights.released_config(
+                state_dict, name, patch_nums=None if vae is None else vae.config.patch_nums)
         state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
         if not config.class_emb:                        # the unused class table is not kept
             state_dict.pop('class_emb.weight', None)
@@ -903,95 +901,32 @@ class STAR(nn.Module):
             if k.endswith('zero_k_bias') and k.replace('zero_k_bias', 'q_bias') in state_dict:
                 state_dict.setdefault(k, torch.zeros(v.shape))  # without it loses nothing
                 if state_dict[k].count_nonzero():
-                    raise ValueError(f"{path}: buffer {k!r} must be all zeros (the key projection has no bias)")
-        _check_state_dict(model, state_dict, config, path)
+                    raise ValueError(f"{name}: buffer {k!r} must be all zeros (the key projection has no "
+                                     "bias)")
+        problem = _mismatch(model, state_dict)
+        if problem:
+            fits = ", ".join(weights.fitting_presets(state_dict)) or "none"
+            raise ValueError(f"{name} does not fit this STAR config: {problem}; the weights have "
+                             f"{weights.describe_star(state_dict)}; presets that fit: {fits} (pass "
+                             "preset=... or a config=STARConfig(...) of these sizes)")
         model.load_state_dict(state_dict, strict=True, assign=True)
         model._make_tables()                            # the non-persistent tables, on the CPU
         return model.eval()
 
 
-def _unwrap_checkpoint(ckpt, path):
-    """-> (state_dict, saved config dict or None) from any of the accepted layouts."""
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('trainer'), dict) and 'var_wo_ddp' in ckpt['trainer']:
-        return ckpt['trainer']['var_wo_ddp'], None                 # released / reference trainer layout
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('config'), dict):
-        return ckpt['model'], ckpt['config']                       # our own STAR checkpoints
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('star'), dict) and isinstance(ckpt.get('star_config'), dict):
-        return ckpt['star'], ckpt['star_config']                   # train.py's pipeline checkpoints
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        keys = set(ckpt)
-        if 'quantize.embedding.weight' in keys or any(k.startswith('decoder.') for k in keys):
-            raise ValueError(f"{path} is a VQ-VAE checkpoint, not STAR weights: load it with "
-                             "tokenizer.VQVAE.from_pretrained and pass the STAR file here")
-        if any(k.startswith(('text_model.', 'transformer.resblocks.')) for k in keys) or 'token_embedding.weight' in keys:
-            raise ValueError(f"{path} is a CLIP text encoder checkpoint, not STAR weights: load it with "
-                             "clip_text.TextEncoder.from_pretrained and pass the STAR file here")
-        return ckpt, None                                          # bare state dict
-    found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise ValueError(f"{path}: expected a STAR state dict, {{'trainer': {{'var_wo_ddp': ...}}}} or "
-                     f"{{'config': ..., 'model': ...}}; found {found}")
-
-
-def _config_from_dict(d, path):
-    known = {f.name for f in fields(STARConfig)}
-    if set(d) - known:
-        raise ValueError(f"{path}: saved config has unknown fields {sorted(set(d) - known)}; "
-                         "was it written by a newer star.py?")
-    return STARConfig(**d)
-
-
-def _shapes(config):
-    with torch.device('meta'):
-        return {k: tuple(v.shape) for k, v in STAR(config).state_dict().items()}
-
-
-def _fitting_presets(state_dict):
-    have = {k: tuple(v.shape) for k, v in state_dict.items()}
-    fits = []
-    for name, config in PRESETS.items():
-        want = _shapes(config)
-        buffers = {k: v for k, v in want.items() if k.endswith('zero_k_bias')}  # optional in a file
-        if {**buffers, **have} == want:
-            fits.append(name)
-    return fits
-
-
-def _describe(state_dict):
-    """What the weights look like: depth, width, scales, head (for error messages)."""
-    depth = len({k.split('.')[1] for k in state_dict if k.startswith('blocks.')})
-    width = state_dict['pos_start'].shape[-1] if 'pos_start' in state_dict else '?'
-    scales = state_dict['lvl_embed.weight'].shape[0] if 'lvl_embed.weight' in state_dict else '?'
-    head = 'with' if 'head_proj.weight' in state_dict else 'without'
-    return f"depth {depth}, width {width}, {scales} scales, {head} sampler head"
-
-
-def _infer_preset(state_dict, vae, path):
-    fits = _fitting_presets(state_dict)
-    if vae is not None:
-        fits = [n for n in fits if PRESETS[n].patch_nums == tuple(vae.config.patch_nums)]
-    if len(fits) != 1:
-        raise ValueError(f"{path}: cannot tell which model these weights are ({_describe(state_dict)}; "
-                         f"fitting presets: {fits or 'none'}); pass preset=... or config=STARConfig(...)")
-    return STARConfig.preset(fits[0])
-
-
-def _check_state_dict(model, state_dict, config, path):
-    """Raise one clear line when the weights do not fit the config: which key, which preset fits."""
+def _mismatch(model, state_dict):
+    """What keeps the weights from fitting the model, in a few words: which key, or None when they fit."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in state_dict]
     unexpected = [k for k in state_dict if k not in want]
     misshapen = [k for k in want if k in state_dict and tuple(state_dict[k].shape) != want[k]]
-    if not (missing or unexpected or misshapen):
-        return
     if misshapen:
         k = misshapen[0]
-        problem = (f"{k!r} has shape {list(state_dict[k].shape)} but the config expects {list(want[k])}"
-                   + (f" ({len(misshapen) - 1} more misshapen)" if len(misshapen) > 1 else ""))
-    elif missing:
-        problem = f"missing keys {missing[:3]}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
-    else:
-        problem = f"unexpected keys {unexpected[:3]}" + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
-    fits = _fitting_presets(state_dict)
-    raise ValueError(f"{path} does not fit this STAR config: {problem}; the weights have "
-                     f"{_describe(state_dict)}; presets that fit: {fits or 'none'} (pass preset=... or "
-                     "config=STARConfig(...) with matching depth/width/num_heads/patch_nums/text_dim/head)")
+        return (f"{k!r} has shape {list(state_dict[k].shape)} but the config expects {list(want[k])}"
+                + (f" ({len(misshapen) - 1} more misshapen)" if len(misshapen) > 1 else ""))
+    if missing:
+        return f"missing keys {missing[:3]}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+    if unexpected:
+        more = f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+        return f"unexpected keys {unexpected[:3]}{more}"
+    return None

@@ -19,12 +19,13 @@ Tests: python -m pytest -q tests/test_tokenizer.py
 """
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import weights
 
 
 @dataclass
@@ -643,18 +644,8 @@ class VQVAE(nn.Module):
         VQVAEConfig fields. The usage buffer quantize.ema_vocab_hit_SV may have another row count.
         Returns the model on the CPU in eval mode.
         """
-        if isinstance(path, Mapping):
-            name, state = 'state dict', dict(path)
-        else:
-            name = str(path)
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"VQ-VAE weights {name} not found; download VAR's vae_ch160v4096z32.pth "
-                                        f"or pass a file written by torch.save(vae.state_dict())")
-            try:
-                state = torch.load(path, map_location='cpu', weights_only=True)
-            except Exception as e:
-                raise ValueError(f"{name}: could not be read by torch.load(weights_only=True) ({type(e).__name__}); "
-                                 f"expected a VQ-VAE state dict saved with torch.save") from e
+        name = 'VQ-VAE state dict' if isinstance(path, Mapping) else f'VQ-VAE weights {path}'
+        state = dict(path) if isinstance(path, Mapping) else weights.read_weights(path, 'VQ-VAE weights')
         needed = ('encoder.conv_in.weight', 'encoder.down.0.block.0.conv1.weight', 'quant_conv.weight',
                   'quantize.embedding.weight')
         if not isinstance(state, Mapping) or any(not torch.is_tensor(state.get(k)) for k in needed):

@@ -43,11 +43,9 @@ from tqdm import tqdm
 import cli
 from cli import Parser, UserError, positive_int
 from clip_text import TextConfig, TextEncoder, Tokenizer
-from sample import SHAPES_SAMPLING
 from star import STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig, reconstruction_loss
-
-STAGES = ("vae", "star", "head")
+from weights import SHAPES_SAMPLING, STAGES, load_checkpoint, read_weights, save_atomic
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,7 +212,7 @@ def token_pool(data, vae, n, seed, path, dev, rank, world, quiet=False):
     pool = None
     if rank == 0:
         if path.exists():
-            pool = read_weights(path)
+            pool = read_weights(path, "token pool", fix="delete it to tokenize again")
             why = stale_pool(pool, source)
             if why:
                 print(f"{path}: {why}; tokenizing again for this run", flush=True)
@@ -231,7 +229,7 @@ def token_pool(data, vae, n, seed, path, dev, rank, world, quiet=False):
     if world > 1:
         dist.barrier()
         if rank != 0:
-            pool = read_weights(path)
+            pool = read_weights(path, "token pool", fix="delete it to tokenize again")
     if not isinstance(pool, dict) or not {"idx", "captions"} <= pool.keys():
         raise UserError(f"{path}: not a token pool written by train.py; delete it to tokenize again")
     return pool["idx"], pool["captions"]
@@ -242,43 +240,7 @@ def make_data(args, resolution):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints: one torch.save dict of tensors and plain Python values, loadable with weights_only=True.
-
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, then os.replace: a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:   # a full disk, a folder in the way, Ctrl-C: no half-written .tmp stays behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_weights(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # weights_only=True refuses any pickle that would run code; truncated files fail here too
-        raise UserError(f"{path}: not a plain weights file that torch.load(weights_only=True) can read "
-                        f"({type(e).__name__}): truncated, corrupt, or holding pickled code, which is refused; "
-                        "delete it to redo that stage") from None
-
-
-def load_checkpoint(path, stages=STAGES):
-    """Our checkpoint at `path`, checked to come from train.py and from one of `stages`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, expected a checkpoint file "
-                        "written by train.py")
-    ck = read_weights(path)
-    if not isinstance(ck, dict) or ck.get("format") != "star-pipeline":
-        raise UserError(f"{path}: not a checkpoint written by train.py (expected OUT/vae.pt, star.pt or head.pt)")
-    if ck.get("stage") not in stages:
-        raise UserError(f"{path}: holds a '{ck.get('stage')}' checkpoint, expected {' or '.join(map(repr, stages))}")
-    return ck
-
+# Checkpoints: their format, save_atomic and load_checkpoint are in weights.py.
 
 def config_dict(cfg):
     return dataclasses.asdict(cfg)
@@ -593,7 +555,7 @@ def run_stage(stage, args, dev, rank, world, prev):
 
 def stop_nonfinite(what, path):
     """Stop on a NaN/inf before it reaches the weights or a checkpoint: the last checkpoint stays good."""
-    last = f"{path} (step {torch.load(path, weights_only=True)['step']})" if path.exists() else "none"
+    last = f"{path} (step {load_checkpoint(path)['step']})" if path.exists() else "none"
     raise UserError(f"{what}; stopped before updating the weights (last checkpoint: {last}); "
                     "lower the learning rate or check the data, then continue with --resume")
 
@@ -632,10 +594,8 @@ def check_export_destination(src, dst):
                         "give another file name")
     if dst.is_file():
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                old = torch.load(dst, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
+            old = read_weights(dst, "--export destination")
+        except ValueError:
             old = None       # not something train.py could continue from
         if isinstance(old, dict) and "optimizer" in old:
             raise UserError(f"--export {dst}: holds a resumable training checkpoint (step {old.get('step')}); "

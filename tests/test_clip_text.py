@@ -8,8 +8,9 @@ import warnings
 import pytest
 import torch
 
-from clip_text import EOT, PIECE_PATTERN, SOT, TextConfig, TextEncoder, Tokenizer, clean_text, load_torch_state
+from clip_text import EOT, PIECE_PATTERN, SOT, TextConfig, TextEncoder, Tokenizer, clean_text
 from conftest import BPE_PATH, FIXTURES, SPEC, need_shared
+from weights import read_weights
 
 TOK_DIR = FIXTURES / "tokenizer"
 CLIP_DIR = FIXTURES / "clip_text"
@@ -133,7 +134,7 @@ def test_encoder_matches_expected(weights, clip_io, tmp_path):
 
 
 def test_keys_without_prefix_and_stray_position_ids_load(clip_io, tmp_path):
-    state = load_torch_state(need_shared(CLIP_DIR / "pytorch_model.bin"))
+    state = read_weights(need_shared(CLIP_DIR / "pytorch_model.bin"), "weights")
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
     folder = tmp_path / "text_encoder"  # a Stable Diffusion layout: the root holds text_encoder/
@@ -336,7 +337,7 @@ def encoder_folder(tmp_path, state=None, config=None):
     folder.mkdir(exist_ok=True)
     cfg = read_json(CLIP_DIR / "config.json")
     (folder / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
-    torch.save(state if state is not None else load_torch_state(CLIP_DIR / "pytorch_model.bin"),
+    torch.save(state if state is not None else read_weights(CLIP_DIR / "pytorch_model.bin", "weights"),
                folder / "pytorch_model.bin")
     return folder
 
@@ -350,12 +351,13 @@ def test_encoder_loading_errors(tmp_path):
     (folder / "pytorch_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="has no model.safetensors or pytorch_model.bin"):
         TextEncoder.from_pretrained(folder)
-    state = load_torch_state(CLIP_DIR / "pytorch_model.bin")
+    state = read_weights(CLIP_DIR / "pytorch_model.bin", "weights")
     del state["text_model.final_layer_norm.bias"]
     with pytest.raises(ValueError, match=r"pytorch_model.bin does not match .*config.json \(keys named without 'text_model.'\): missing keys "
                                          r"\['final_layer_norm.bias'\]"):
         TextEncoder.from_pretrained(encoder_folder(tmp_path, state))
-    state = {**load_torch_state(CLIP_DIR / "pytorch_model.bin"), "text_model.extra.weight": torch.zeros(1)}
+    state = {**read_weights(CLIP_DIR / "pytorch_model.bin", "weights"),
+             "text_model.extra.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'\]"):
         TextEncoder.from_pretrained(encoder_folder(tmp_path, state))
     with pytest.raises(ValueError, match=r"key 'encoder.layers.0.mlp.fc1.weight' has shape \(64, 16\) but .*config"
