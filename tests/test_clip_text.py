@@ -326,6 +326,9 @@ def test_tokenizer_errors(tmp_path):
         Tokenizer.from_file(tmp_path / "nope.txt.gz")
     with pytest.raises(FileNotFoundError, match="has no vocab.json"):
         Tokenizer.from_file(tmp_path)
+    (tmp_path / "weights.txt.gz").write_bytes(b"PK\x03\x04 not gzip")          # e.g. a weights file by mistake
+    with pytest.raises(ValueError, match="tokenizer file .*weights.txt.gz could not be read \\(BadGzipFile\\)"):
+        Tokenizer.from_file(tmp_path / "weights.txt.gz")
     with pytest.raises(ValueError, match="vocab_size=300 is too small.*514"):
         Tokenizer.train(["a red circle"], 300)
     with pytest.raises(ValueError, match="'vocab' and 'merges'"):
