@@ -417,24 +417,45 @@ def evaluate_shapes(parts, n, dev, stable, seed=0):
     return float(np.mean(ok[False])), float(np.mean(ok[True]))
 
 
-def run_stage(stage, args, dev, rank, world, prev):
-    """Train one stage from its start (or from OUT/<stage>.pt with --resume); returns its final checkpoint."""
-    out = Path(args.out)
-    path = out / f"{stage}.pt"
-    steps = {"vae": args.vae_steps, "star": args.star_steps, "head": args.head_steps}[stage]
-    data = make_data(args, args.resolution)
-    seed = args.seed + 1000 * STAGES.index(stage)
+# ---------------------------------------------------------------------------------------------------
+# One stage = set-up, the loop of its kind (train_vae, or train_star for the star and head stages), end.
+# The loops share the helpers below; run_stage at the end of this section ties the pieces together.
 
-    resume = None
-    if path.exists():
-        if not args.resume:
-            raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out")
-        resume = load_checkpoint(path, (stage,))
-        if resume["step"] >= steps:
-            if rank == 0:
-                print(f"{stage}: already trained to step {resume['step']} (--{stage}-steps {steps}) in {path}; "
-                      "nothing to do for this stage", flush=True)
-            return resume
+@dataclasses.dataclass
+class Run:
+    """What the loop of one stage and its helpers share, in one of `world` processes."""
+    stage: str                      # "vae", "star" or "head"
+    args: argparse.Namespace        # the settings in effect (after --resume filled them in)
+    dev: torch.device
+    rank: int                       # 0 .. world - 1; rank 0 alone writes files and prints
+    world: int
+    path: Path                      # the stage's checkpoint, OUT/<stage>.pt
+    steps: int                      # the stage's step count (--vae-steps, --star-steps or --head-steps)
+    seed: int                       # the stage's seed: --seed + 1000 * stage index
+    data: object                    # ShapesData or ImageFolder
+    parts: dict                     # "vae"; from the star stage on also "tokenizer", "text", "star"
+    net: nn.Module                  # what trains: the VQVAE, or TextToImage (STAR + text encoder)
+    model: nn.Module                # net, or its DistributedDataParallel wrapper: forward passes go here
+    opt: torch.optim.Optimizer
+    lr: float                       # the stage's peak learning rate (lr_at gives each step's)
+    start: int                      # the first step to run: 0, or the step of the checkpoint resumed
+    seconds: float                  # training time of the stage so far, without previews and evaluations
+    amp: object                     # bfloat16 autocast on a CUDA GPU that supports it, else a no-op
+    log: object                     # OUT/log.txt, open for appending, on rank 0 (None on the others)
+
+
+def setup_stage(stage, args, dev, rank, world, data, prev, resume):
+    """The Run of a stage: its modules built, on `dev`, with their optimizer and DDP wrapper.
+
+    The modules come from `resume`, the stage's own checkpoint, when --resume continues it; else from
+    `prev`, the previous stage's (None for a fresh VQ-VAE). Resuming restores everything the next steps
+    depend on: the weights, AdamW's moments, the step, torch's RNG state and the VQ-VAE's dead-code
+    counters. The batches need nothing restored (they are drawn from (seed, step, rank), see batch_rng),
+    so a resumed run continues exactly as if it had never stopped.
+    """
+    out, seed = Path(args.out), args.seed + 1000 * STAGES.index(stage)
+    # torch's generator draws the initial weights of what build_stage makes new (the vae stage's VQ-VAE,
+    # the star stage's STAR and text encoder); DistributedDataParallel then gives every rank rank 0's copy
     torch.manual_seed(seed + rank)
     # a resumed stage rebuilds every module from its own checkpoint, the tokenizer included
     parts, net = build_stage(stage, args, resume or prev, data)
@@ -445,112 +466,240 @@ def run_stage(stage, args, dev, rank, world, prev):
                         f"{','.join(map(str, parts['vae'].config.patch_nums))})")
     net.to(dev).train()
     if stage != "vae":
-        parts["vae"].to(dev).eval()
+        parts["vae"].to(dev).eval()     # frozen from here on: tokenizes the pool, makes STAR's input, decodes
     if stage == "head":
-        parts["text"].eval()
+        parts["text"].eval()            # the head stage trains the sampler head alone
     lr = {"vae": args.vae_lr, "star": args.lr, "head": args.head_lr}[stage]
     opt = make_optimizer(net, lr, args.weight_decay)
-    start = 0
+    start, seconds = 0, 0.0
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
         if stage == "vae":
             parts["vae"].quantize.code_hits_V.copy_(resume["vae_code_hits"])
-        start = resume["step"]
+        start, seconds = resume["step"], resume.get("seconds", 0.0)
+    # the VQ-VAE's quantizer sits out the plain-autoencoder steps (train_vae), so its parameters get no
+    # gradient then; DDP must be told, or it waits for those gradients forever
     model = net if world == 1 else nn.parallel.DistributedDataParallel(
         net, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=(stage == "vae"))
+    # bfloat16 keeps float32's exponent range, so unlike float16 it needs no loss scaling
     amp = torch.autocast("cuda", dtype=torch.bfloat16) \
         if dev.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext()
-
-    if stage != "vae":
-        pool_idx, pool_caps = token_pool(data, parts["vae"], args.pool, args.seed, out / "tokens.pt", dev,
-                                         rank, world, args.quiet)
-        splits = [pn * pn for pn in parts["vae"].config.patch_nums]
     log = open(out / "log.txt", "a") if rank == 0 else None
-    warm = int(args.vae_ae_frac * steps) if stage == "vae" else 0
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, dynamic_ncols=True,
-               disable=rank != 0 or args.quiet)
-    # training time of this stage so far, without previews and evaluations (for accuracy-vs-minutes)
-    seconds = resume.get("seconds", 0.0) if resume is not None else 0.0
+    return Run(stage, args, dev, rank, world, out / f"{stage}.pt", getattr(args, STEPS_FLAG[stage]), seed,
+               data, parts, net, model, opt, lr, start, seconds, amp, log)
+
+
+def progress_bar(run):
+    """The steps still to run, start .. steps - 1, shown as a tqdm bar on rank 0 (none with --quiet)."""
+    return tqdm(range(run.start, run.steps), initial=run.start, total=run.steps, desc=run.stage,
+                dynamic_ncols=True, disable=run.rank != 0 or run.args.quiet)
+
+
+def due(done, every, steps):
+    """Whether a periodic action runs after `done` steps: every `every` steps and after the last; never
+    when `every` is 0."""
+    return every > 0 and (done % every == 0 or done == steps)
+
+
+def optimizer_step(run, loss, step):
+    """Set the step's learning rate, backpropagate, clip the gradient's global norm to --grad-clip and
+    update the weights; returns the norm before clipping.
+
+    A loss or gradient norm that is inf or NaN stops the run before the update, so that neither the
+    weights nor any checkpoint ever hold one (a single such step would spoil every later one). Under
+    DDP, backward() averages the gradients over the processes, so every rank takes the same step.
+    """
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(step, run.steps, run.lr, run.args.warmup)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = nn.utils.clip_grad_norm_(run.net.parameters(), run.args.grad_clip)
+    if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+        bad = ("loss", loss) if not torch.isfinite(loss) else ("gradient norm", gnorm)
+        stop_nonfinite(f"{run.stage} step {step + 1}: the {bad[0]} is {bad[1].item()}", run.path)
+    run.opt.step()
+    return gnorm
+
+
+def log_step(run, bar, done, loss, gnorm, rate, usage=None):
+    """Rank 0: the loss on the progress bar every step; a log.txt line every --log-every steps and at the
+    end, with the throughput `rate` (images/s for the VQ-VAE, tokens/s after) and, for the VQ-VAE, the
+    fraction of the codebook the batch used (mean of `usage`, one value per scale)."""
+    bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{rate:.0f}")
+    if due(done, run.args.log_every, run.steps):
+        unit, extra = ("img", f" usage {float(usage.mean()):.3f}") if run.stage == "vae" else ("tok", "")
+        run.log.write(f"{run.stage} step {done} loss {loss.item():.5f} gnorm {float(gnorm):.3f} "
+                      f"lr {run.opt.param_groups[0]['lr']:.2e} {unit}/s {rate:.0f}{extra}\n")
+        run.log.flush()
+
+
+def save_preview(run, done, img_B3HW=None):
+    """Rank 0, every --sample-every steps and at the end: OUT/<stage>_<step>.png, to watch training go.
+
+    VQ-VAE stage: the batch's first 8 images `img_B3HW` (in [-1, 1]) above their reconstructions
+    through the quantizer. Later stages: the images of the preview captions, drawn with seed 0 each
+    time (so successive grids differ only by the weights), with the sampler head in the head stage.
+    """
+    if not due(done, run.args.sample_every, run.steps):
+        return
+    if run.stage == "vae":
+        vae, x_B3HW = run.parts["vae"], img_B3HW[:8]
+        recon_B3HW = vae.fhat_to_img(vae.quantize.idx_to_fhat(vae.img_to_idx(x_B3HW)))
+        grid = torch.cat([x_B3HW, recon_B3HW]).add(1).div(2)                  # (2B, 3, H, W) in [0, 1]
+    else:
+        grid = generate(run.parts, run.data.preview_captions(), 0, run.dev, stable=run.stage == "head",
+                        **SHAPES_SAMPLING)
+    save_grid(grid, run.path.parent / f"{run.stage}_{done:06d}.png")
+
+
+def evaluate(run, done):
+    """Rank 0, every --eval-every steps and at the end (shapes world only): the judge's accuracy on
+    held-out captions, logged with the training minutes so far (for accuracy-versus-time curves)."""
+    if not (run.args.data == "shapes" and due(done, run.args.eval_every, run.steps)):
+        return
+    one, two = evaluate_shapes(run.parts, run.args.eval_n, run.dev, stable=run.stage == "head")
+    run.log.write(f"eval {run.stage} step {done} minutes {run.seconds / 60:.1f} "
+                  f"one-object {one:.3f} two-object {two:.3f}\n")
+    run.log.flush()
+
+
+def save_checkpoint(run, done):
+    """Every --ckpt-every steps and at the end: rank 0 writes OUT/<stage>.pt; every rank waits for it.
+
+    The checkpoint (pack) holds all that --resume restores (see setup_stage). save_atomic writes a
+    temporary file and renames it, so a run killed while saving still has its previous checkpoint,
+    whole. Weights that overflowed to inf or NaN are never saved: the run stops, the last good
+    checkpoint stays. The barrier lets no rank go on (or read the file, in end_stage) before it exists.
+    """
+    if not due(done, run.args.ckpt_every, run.steps):
+        return
+    if run.rank == 0:
+        if not all(torch.isfinite(p).all() for p in run.net.parameters()):
+            stop_nonfinite(f"{run.stage} step {done}: the weights became non-finite", run.path)
+        save_atomic(pack(run.stage, run.parts, run.args, done, run.opt, run.seconds), run.path)
+    if run.world > 1:
+        dist.barrier()
+
+
+def end_stage(run):
+    """After the last step: check that the processes agree, say where the checkpoint is, and return it."""
+    if run.world > 1:
+        check_replicas(run.net, run.stage, run.world, run.log)
+    if run.log:
+        run.log.close()
+        print(f"{run.stage}: trained to step {run.steps}; wrote {run.path}", flush=True)
+    if run.world > 1:
+        dist.barrier()                  # the processes leave the stage together
+    return load_checkpoint(run.path, (run.stage,))
+
+
+def train_vae(run):
+    """The vae stage: images -> multi-scale tokens -> images, on the reconstruction and VQ losses.
+
+    The first --vae-ae-frac of the steps train a plain autoencoder, the quantizer bypassed: k-means on
+    the features of an untrained encoder would place the codes on noise, and most of them would never
+    be chosen again (dead codes). Once the features mean something, the codebook is initialised from
+    them (k-means per scale on a batch 4x the training batch), and from then on, every --reseed-every
+    steps, codes that no token used are moved to where the residuals are quantized worst.
+    """
+    args, vae = run.args, run.parts["vae"]
+    warm = int(args.vae_ae_frac * run.steps)        # the first step with the quantizer
+    bar = progress_bar(run)
     t_last, seen, t0 = time.time(), 0, time.time()
     for step in bar:
-        rng = batch_rng(seed, step, rank)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, args.warmup)
-        if stage == "vae":
-            img = data.batch(args.batch_size, rng)[0].to(dev)
-            quantize = step >= warm
-            if quantize and step == warm:          # codebook from encoder features, once, after warm-up
-                big, _ = data.batch(4 * args.batch_size, batch_rng(seed, step, rank, stream=1))
-                parts["vae"].init_codebook(big.to(dev), generator=torch.Generator().manual_seed(seed + step))
-            with amp:
-                recon, vq_loss, usage = model(img, quantize=quantize)
-                loss = reconstruction_loss(recon.float(), img) + vq_loss.float()
-            ntok = img.shape[0]
-        else:
-            pick = rng.integers(0, len(pool_caps), size=args.batch_size)
-            drop = rng.random(args.batch_size) < args.cond_drop      # caption dropout for guidance
-            caps = ["" if d else pool_caps[i] for i, d in zip(pick, drop)]
-            ids, mask = parts["tokenizer"](caps, context_length=parts["text"].config.context_length)
-            target_BL = pool_idx[torch.from_numpy(pick)].long().to(dev)              # (B, L)
-            with torch.no_grad():
-                x_BLCv = parts["vae"].idx_to_var_input(list(target_BL.split(splits, 1)))  # (B, L-1, Cvae)
-            # the head's token masks come from the step's generator too (same on resume, per rank)
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            with amp:
-                loss = model(ids.to(dev), mask.to(dev), x_BLCv, target_BL, generator=gen).float()
-            ntok = target_BL.numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(gnorm)):   # before the update: nothing NaN is kept
-            bad = ("loss", loss) if not torch.isfinite(loss) else ("gradient norm", gnorm)
-            stop_nonfinite(f"{stage} step {step + 1}: the {bad[0]} is {bad[1].item()}", path)
-        opt.step()
-        if stage == "vae" and quantize and (step - warm) % args.reseed_every == args.reseed_every - 1:
-            parts["vae"].reseed_dead_codes(img, generator=torch.Generator().manual_seed(seed + step))
-        seen += ntok
+        rng = batch_rng(run.seed, step, run.rank)
+        img = run.data.batch(args.batch_size, rng)[0].to(run.dev)          # (B, 3, H, W) in [-1, 1]
+        quantize = step >= warm
+        if step == warm:
+            # stream 1: the big batch does not change the step's own batch; under DDP every rank computes
+            # a codebook and rank 0's is broadcast (tokenizer.py), so all ranks quantize alike
+            big, _ = run.data.batch(4 * args.batch_size, batch_rng(run.seed, step, run.rank, stream=1))
+            vae.init_codebook(big.to(run.dev), generator=torch.Generator().manual_seed(run.seed + step))
+        with run.amp:
+            # recon (B, 3, H, W), vq_loss () (0 without quantizer), usage (number of scales,)
+            recon, vq_loss, usage = run.model(img, quantize=quantize)
+            loss = reconstruction_loss(recon.float(), img) + vq_loss.float()
+        gnorm = optimizer_step(run, loss, step)
+        if quantize and (step - warm) % args.reseed_every == args.reseed_every - 1:
+            vae.reseed_dead_codes(img, generator=torch.Generator().manual_seed(run.seed + step))
+        seen += len(img)
         done = step + 1
-        seconds += time.time() - t_last
-        if rank == 0:
-            rate = seen / max(1e-9, time.time() - t0)
-            bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{rate:.0f}")
-            if done % args.log_every == 0 or done == steps:
-                extra = f" usage {float(usage.mean()):.3f}" if stage == "vae" else ""
-                log.write(f"{stage} step {done} loss {loss.item():.5f} gnorm {float(gnorm):.3f} "
-                          f"lr {opt.param_groups[0]['lr']:.2e} {'img' if stage == 'vae' else 'tok'}/s "
-                          f"{rate:.0f}{extra}\n")
-                log.flush()
-            if args.sample_every and (done % args.sample_every == 0 or done == steps):
-                if stage == "vae":
-                    save_grid(torch.cat([img[:8], parts["vae"].fhat_to_img(
-                        parts["vae"].quantize.idx_to_fhat(parts["vae"].img_to_idx(img[:8])))]).add(1).div(2),
-                        out / f"{stage}_{done:06d}.png")
-                else:
-                    save_grid(generate(parts, data.preview_captions(), 0, dev, stable=stage == "head",
-                                       **SHAPES_SAMPLING),
-                              out / f"{stage}_{done:06d}.png")
-            if args.eval_every and args.data == "shapes" and stage != "vae" and \
-                    (done % args.eval_every == 0 or done == steps):
-                one, two = evaluate_shapes(parts, args.eval_n, dev, stable=stage == "head")
-                log.write(f"eval {stage} step {done} minutes {seconds / 60:.1f} "
-                          f"one-object {one:.3f} two-object {two:.3f}\n")
-                log.flush()
-            if done % args.ckpt_every == 0 or done == steps:
-                if not all(torch.isfinite(p).all() for p in net.parameters()):
-                    stop_nonfinite(f"{stage} step {done}: the weights became non-finite", path)
-                save_atomic(pack(stage, parts, args, done, opt, seconds), path)
-        if world > 1 and (done % args.ckpt_every == 0 or done == steps):
-            dist.barrier()
-        t_last = time.time()
-    if world > 1:
-        check_replicas(net, stage, world, log)
-    if log:
-        log.close()
-        print(f"{stage}: trained to step {steps}; wrote {path}", flush=True)
-    if world > 1:
-        dist.barrier()
-    return load_checkpoint(path, (stage,))
+        run.seconds += time.time() - t_last
+        if run.rank == 0:
+            log_step(run, bar, done, loss, gnorm, seen / max(1e-9, time.time() - t0), usage)
+            save_preview(run, done, img)
+        save_checkpoint(run, done)
+        t_last = time.time()            # previews and checkpoints do not count as training time
+
+
+def train_star(run):
+    """The star stage (STAR and the text encoder) and the head stage (the sampler head alone): one loop.
+
+    Teacher forcing over all scales at once (paper, sec. 3): an image's token ids at every scale are
+    the target (B, L), and, one scale behind, the input (B, L - 1, Cvae): scale si sees the codes of
+    the scales before it summed and resized to its side. What differs between the stages was set up by
+    build_stage: which parameters train, and which loss TextToImage returns (the trunk's cross-entropy,
+    or the sampler head's masked-token loss on the frozen trunk, paper sec. 3.4).
+    """
+    args, parts = run.args, run.parts
+    # the frozen VQ-VAE gives the same ids for the same image every time, and its encoder costs about
+    # as much as a small STAR's whole training step: tokenize --pool samples once, draw batches from them
+    pool_idx, pool_caps = token_pool(run.data, parts["vae"], args.pool, args.seed,  # (P, L) int16, P captions
+                                     run.path.parent / "tokens.pt", run.dev, run.rank, run.world, args.quiet)
+    splits = [pn * pn for pn in parts["vae"].config.patch_nums]    # tokens per scale, summing to L
+    bar = progress_bar(run)
+    t_last, seen, t0 = time.time(), 0, time.time()
+    for step in bar:
+        rng = batch_rng(run.seed, step, run.rank)
+        pick = rng.integers(0, len(pool_caps), size=args.batch_size)          # (B,) rows of the pool
+        # caption dropout: --cond-drop of the captions become "", so the same network also learns the
+        # unconditional model that classifier-free guidance steers away from (sample.py --cfg)
+        drop = rng.random(args.batch_size) < args.cond_drop
+        caps = ["" if d else pool_caps[i] for i, d in zip(pick, drop)]
+        ids, mask = parts["tokenizer"](caps, context_length=parts["text"].config.context_length)  # (B, T)
+        target_BL = pool_idx[torch.from_numpy(pick)].long().to(run.dev)          # (B, L)
+        with torch.no_grad():
+            x_BLCv = parts["vae"].idx_to_var_input(list(target_BL.split(splits, 1)))  # (B, L - 1, Cvae)
+        # the head's random token masks come from the step's generator too (the same on resume, per rank)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        with run.amp:
+            loss = run.model(ids.to(run.dev), mask.to(run.dev), x_BLCv, target_BL, generator=gen).float()
+        gnorm = optimizer_step(run, loss, step)
+        seen += target_BL.numel()
+        done = step + 1
+        run.seconds += time.time() - t_last
+        if run.rank == 0:
+            log_step(run, bar, done, loss, gnorm, seen / max(1e-9, time.time() - t0))
+            save_preview(run, done)
+            evaluate(run, done)
+        save_checkpoint(run, done)
+        t_last = time.time()            # previews, evaluations and checkpoints do not count as training
+
+
+def run_stage(stage, args, dev, rank, world, prev):
+    """Train one stage from its start, or from OUT/<stage>.pt with --resume; returns its final checkpoint.
+
+    `prev` is the previous stage's checkpoint (None before the vae stage).
+    """
+    path, steps = Path(args.out) / f"{stage}.pt", getattr(args, STEPS_FLAG[stage])
+    data = make_data(args, args.resolution)
+    resume = None
+    if path.exists():
+        if not args.resume:
+            raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out")
+        resume = load_checkpoint(path, (stage,))
+        if resume["step"] >= steps:
+            if rank == 0:
+                print(f"{stage}: already trained to step {resume['step']} (--{stage}-steps {steps}) in "
+                      f"{path}; nothing to do for this stage", flush=True)
+            return resume
+    run = setup_stage(stage, args, dev, rank, world, data, prev, resume)
+    if stage == "vae":
+        train_vae(run)
+    else:
+        train_star(run)
+    return end_stage(run)
 
 
 def stop_nonfinite(what, path):
