@@ -52,7 +52,14 @@ from weights import SHAPES_SAMPLING, STAGES, load_checkpoint, read_weights, save
 # Data: every batch is a pure function of (seed, step, rank), so a resumed run sees the same batches.
 
 def batch_rng(seed, step, rank, stream=0):
-    """The generator of one batch; `stream` separates other uses (codebook init, tokenizer captions)."""
+    """The generator of one batch: numpy's, seeded with (seed, stream, step, rank).
+
+    A generator per batch, rather than one that runs through the whole training, makes batch `step`
+    the same whether the run got there in one go or was resumed on the way (so nothing about the data
+    order needs saving), and gives each DDP rank batches of its own. `stream` keeps the other draws
+    apart from the training batches and from one another: 1 the codebook's initial batch, 2 the
+    captions the BPE vocabulary is learned from, 3 the token pool.
+    """
     return np.random.default_rng([seed, stream, step, rank])
 
 
@@ -137,7 +144,10 @@ class ImageFolder:
         return x.permute(2, 0, 1)                                   # (3, H, W) in [-1, 1]
 
     def captions(self, seed):
-        """The captions to learn the BPE vocabulary from: all of the folder's (seed unused: nothing is drawn)."""
+        """The captions to learn the BPE vocabulary from: all of the folder's, in order.
+
+        `seed` is unused (nothing is drawn); build_stage calls ShapesData.captions, which draws, the same way.
+        """
         return [t for _, t in self.items]
 
     def preview_captions(self, n=8):
@@ -145,12 +155,19 @@ class ImageFolder:
         return [t for _, t in self.items[:n]]
 
     def batch(self, batch_size, rng):
+        """Images (B, 3, H, W) in [-1, 1] and their B captions, drawn with replacement: no epochs to track,
+        and a batch is fixed by its generator alone (batch_rng)."""
         pick = rng.integers(0, len(self.items), size=batch_size)
         imgs = torch.stack([self.load(self.items[i][0]) for i in pick])
         return imgs, [self.items[i][1] for i in pick]
 
 
 class ShapesData:
+    """The synthetic world of shapes.py: one or two coloured shapes, captioned, drawn on the fly at 64x64.
+
+    Every batch is drawn fresh, so there is no fixed training set to overfit, and shapes.judge can score
+    what STAR draws for captions held out of training (evaluate_shapes).
+    """
     identity = "shapes"
 
     def __init__(self):
@@ -161,7 +178,7 @@ class ShapesData:
         return PREVIEW[:n]
 
     def batch(self, batch_size, rng):
-        return self.shapes.sample_batch(batch_size, rng)
+        return self.shapes.sample_batch(batch_size, rng)         # (B, 3, 64, 64) in [-1, 1], B captions
 
     def captions(self, seed, n=5000):
         """Captions to learn the BPE vocabulary from (their own stream, disjoint from training batches)."""
@@ -210,7 +227,7 @@ def token_pool(data, vae, n, seed, path, dev, rank, world, quiet=False):
     path = Path(path)
     source = pool_source(data, vae, n, seed)
     pool = None
-    if rank == 0:
+    if rank == 0:          # rank 0 alone reads or makes the pool; the others wait for the file at the barrier
         if path.exists():
             pool = read_weights(path, "token pool", fix="delete it to tokenize again")
             why = stale_pool(pool, source)
@@ -222,6 +239,7 @@ def token_pool(data, vae, n, seed, path, dev, rank, world, quiet=False):
             for i in tqdm(range(0, n, 64), desc="tokenizing", dynamic_ncols=True, disable=quiet):
                 img, c = data.batch(min(64, n - i), batch_rng(seed, i, 0, stream=3))
                 with torch.no_grad():
+                    # (b, L): every scale's ids side by side; int16 as ids are < 32768 (--vocab-size's limit)
                     idx.append(torch.cat(vae.img_to_idx(img.to(dev)), 1).to(torch.int16).cpu())
                 caps += c
             pool = {"idx": torch.cat(idx), "captions": caps, "made_from": source}
@@ -266,14 +284,19 @@ def default_star_config(args, text_dim, vae_config):
 
 
 class TextToImage(nn.Module):
-    """STAR with its text encoder, so one DistributedDataParallel wrapper covers both in training."""
+    """STAR with its text encoder, so one DistributedDataParallel wrapper covers both in training.
+
+    Star stage: the trunk's cross-entropy over all tokens, with the gradient reaching the text encoder
+    (unless it is a released, frozen one). Head stage (head_only): the sampler head's masked-token loss;
+    the text features are detached, since neither the trunk nor the text encoder trains there.
+    """
 
     def __init__(self, star, text_encoder, head_only=False):
         super().__init__()
         self.star, self.text_encoder, self.head_only = star, text_encoder, head_only
 
     def forward(self, ids, mask, x_BLCv, target_BL, generator=None):
-        hidden, pooled = self.text_encoder(ids, mask)
+        hidden, pooled = self.text_encoder(ids, mask)           # (B, T, D) per text token, (B, D) pooled
         if self.head_only:
             hidden, pooled = hidden.detach(), pooled.detach()
             return self.star.head_loss(x_BLCv, hidden, mask, pooled, target_BL, generator)
@@ -304,6 +327,7 @@ def build_stage(stage, args, ck, data):
             tok = Tokenizer.from_file(args.tokenizer)
             text = TextEncoder.from_pretrained(args.text_encoder)
         else:
+            # a BPE vocabulary learned from the training captions: a small world's words become single tokens
             caps = data.captions(args.seed)
             tok = Tokenizer.train(caps, args.text_vocab)
             text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, context_length=args.text_context, width=args.text_width,
@@ -335,10 +359,14 @@ def pack(stage, parts, args, step, opt=None, seconds=0.0):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The loop.
+# What the loops use: the learning-rate schedule, the optimizer, previews and evaluation.
 
 def lr_at(step, total, base, warmup):
-    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    """Linear warm-up, then cosine decay to 10% of the base rate.
+
+    The warm-up keeps the first updates small while AdamW's moment estimates still rest on a few
+    gradients (its early steps are otherwise near their full size whatever the gradient's scale).
+    """
     if step < warmup:
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -365,6 +393,7 @@ def make_optimizer(net, lr, weight_decay):
 
 
 def encode_text(parts, captions, dev):
+    """Captions -> the text encoder's (hidden (N, T, D), mask (N, T), pooled (N, D)), on `dev`."""
     ids, mask = parts["tokenizer"](captions, context_length=parts["text"].config.context_length)
     ids, mask = ids.to(dev), mask.to(dev)
     hidden, pooled = parts["text"](ids, mask)
@@ -375,9 +404,10 @@ def encode_text(parts, captions, dev):
 def generate(parts, captions, seed, dev, **sampling):
     """Images (N, 3, H, W) in [0, 1] for the captions, with the current weights (previews, evaluation)."""
     star, text = parts["star"], parts["text"]
-    was = star.training, text.training
+    was = star.training, text.training          # restored at the end: generate runs inside training loops
     star.eval(), text.eval()
     hidden, mask, pooled = encode_text(parts, captions, dev)
+    # the empty caption: the unconditional model that classifier-free guidance contrasts with
     e_hidden, e_mask, e_pooled = encode_text(parts, [""], dev)
     img = star.generate(hidden, mask, pooled, e_hidden, e_mask, e_pooled,
                         generator=torch.Generator().manual_seed(seed), **sampling)
@@ -390,10 +420,11 @@ def save_grid(img_N3HW, path, cols=8):
     from PIL import Image
     N, _, H, W = img_N3HW.shape
     rows = (N + cols - 1) // cols
-    grid = torch.ones(3, rows * H, cols * W)
+    grid = torch.ones(3, rows * H, cols * W)                  # white where the last row is not full
     for i, im in enumerate(img_N3HW.float().cpu().clamp(0, 1)):
         grid[:, (i // cols) * H:(i // cols + 1) * H, (i % cols) * W:(i % cols + 1) * W] = im
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)      # (rows * H, cols * W, 3)
+    # a temporary name, then os.replace: an image viewer watching OUT never opens half a file
     tmp = Path(path).with_suffix(".tmp.png")
     try:
         Image.fromarray(arr).save(tmp)
@@ -407,10 +438,10 @@ def evaluate_shapes(parts, n, dev, stable, seed=0):
     """Judge-measured accuracy on n held-out captions: (one-object, two-object) fractions fully correct."""
     import shapes
     caps = shapes.heldout_captions(n, seed)
-    ok = {True: [], False: []}
-    for i in range(0, n, 50):
+    ok = {True: [], False: []}                  # "relation" in the judge's verdict: a two-object caption
+    for i in range(0, n, 50):                   # 50 images at a time bounds the memory
         img = generate(parts, caps[i:i + 50], seed + i, dev, stable=stable, **SHAPES_SAMPLING)
-        arr = (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        arr = (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)     # (N, H, W, 3)
         for c, a in zip(caps[i:i + 50], arr):
             r = shapes.judge(c, a)
             ok["relation" in r].append(r["ok"])
@@ -982,6 +1013,8 @@ def main(argv=None):
     # CPU threads: 1 for small models (the default run), whose ops are too short to share among threads and
     # wait for a core at every op when another process is busy; the free cores for large ones
     cli.set_threads(None, 12 * args.depth * args.width ** 2)      # the trunk's parameters, roughly
+    # torchrun starts one process per GPU (or per CPU share) and tells each its place in these variables;
+    # every process trains on its own batches and DistributedDataParallel averages their gradients
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = cli.pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -1007,6 +1040,7 @@ def main(argv=None):
         vae = VQVAE.from_pretrained(args.vae, patch_nums=tuple(args.patch_nums))
         prev, stages = {"vae_config": config_dict(vae.config), "vae": vae.state_dict()}, \
             tuple(s for s in stages if s != "vae")
+    # each stage starts from the checkpoint of the one before: in memory when this run trained it, else read
     for stage in stages:
         if prev is None and stage != "vae":
             before = STAGES[STAGES.index(stage) - 1]
