@@ -275,6 +275,9 @@ def default_vae_config(args):
 
 
 def default_star_config(args, text_dim, vae_config):
+    """STAR's sizes from the flags and the VQ-VAE; the rest as STARConfig's defaults (the released models':
+    64-wide heads, 2D RoPE over [0, 64] at every scale, normalized logits), plus the sampler head from
+    scale --head-from, plain per-row cross-attention, no stochastic depth, and no class table."""
     return STARConfig(depth=args.depth, width=args.width, num_heads=args.width // 64,
                       patch_nums=vae_config.patch_nums, vocab_size=vae_config.vocab_size,
                       vae_dim=vae_config.z_channels,
@@ -510,7 +513,7 @@ def setup_stage(stage, args, dev, rank, world, data, prev, resume):
             parts["vae"].quantize.code_hits_V.copy_(resume["vae_code_hits"])
         start, seconds = resume["step"], resume.get("seconds", 0.0)
     # the VQ-VAE's quantizer sits out the plain-autoencoder steps (train_vae), so its parameters get no
-    # gradient then; DDP must be told, or it waits for those gradients forever
+    # gradient then; DDP must be told, or it fails at the next step, still expecting those gradients
     model = net if world == 1 else nn.parallel.DistributedDataParallel(
         net, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=(stage == "vae"))
     # bfloat16 keeps float32's exponent range, so unlike float16 it needs no loss scaling
@@ -720,12 +723,13 @@ def run_stage(stage, args, dev, rank, world, prev):
         if not args.resume:
             raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out")
         resume = load_checkpoint(path, (stage,))
-        if resume["step"] >= steps:
+        if resume["step"] >= steps:            # a finished stage: --resume goes on to the next one
             if rank == 0:
                 print(f"{stage}: already trained to step {resume['step']} (--{stage}-steps {steps}) in "
                       f"{path}; nothing to do for this stage", flush=True)
             return resume
     run = setup_stage(stage, args, dev, rank, world, data, prev, resume)
+    # the head stage runs the star stage's loop: build_stage froze all but the sampler head
     if stage == "vae":
         train_vae(run)
     else:
