@@ -19,7 +19,6 @@ Tests: python -m pytest -q tests/test_sample.py
 import argparse
 import json
 import math
-import numbers
 import os
 import resource
 import sys
@@ -41,31 +40,13 @@ from tokenizer import VQVAE, VQVAEConfig
 from weights import (RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights, released_config, star_state_dict,
                      with_overrides)
 
-# -----------------------------------------------------------------------------
-# defaults
-
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "shapes.pt"
 TRAIN_COMMAND = ("python train.py --out runs/shapes && "
                  "python train.py --export runs/shapes/head.pt checkpoints/shapes.pt")
-MAX_CFG = cli.MAX_CFG
 PIPELINE_PARTS = ("vae_config", "vae", "tokenizer", "text_config", "text_encoder", "star_config", "star")
 
 # -----------------------------------------------------------------------------
-# the pipeline
-
-
-@contextmanager
-def scale_progress(star, desc, enabled=True):
-    """A tqdm bar over the scales of one STAR.generate call inside the block; yields the on_scale
-    callback to pass to it, which advances the bar as each scale's tokens are drawn."""
-    bar = tqdm(total=len(star.config.patch_nums), desc=desc, unit="scale", disable=not enabled)
-    try:
-        yield lambda si, pn: bar.update(1)
-    except BaseException:
-        bar.leave = False                                # an error message should not follow a dead bar
-        raise
-    finally:
-        bar.close()
+# the pipeline: prompts -> text states -> token maps, scale by scale -> images
 
 
 class Pipeline:
@@ -82,6 +63,139 @@ class Pipeline:
         self.trained_on = trained_on
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self._empty = None                                   # encoding of "" (guidance), made once
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Prompts -> text states (B, T, D), mask (B, T), pooled (B, D) on the pipeline's device."""
+        ids_BT, mask_BT = self.tokenizer(prompts, context_length=self.text_encoder.config.context_length)
+        ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
+        hidden_BTD, pooled_BD = self.text_encoder(ids_BT, mask_BT)
+        return hidden_BTD, mask_BT, pooled_BD
+
+    def generate(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
+                 return_scales=False, batch_size=None, progress=False):
+        """Images for `prompts`: uint8 (N, H, W, 3), N = len(prompts) * images_per_prompt, prompt-major.
+
+        seed: seeds one CPU torch.Generator that draws every token, so a seed gives the same images on
+            every device up to float noise (for the same prompts, options and batch_size).
+        cfg, top_k, top_p: guidance scale and sampling filters; None takes self.sampling's value.
+        stable: commit the large scales with the sampler head; None = on when the head is trained.
+        return_scales: also return the image after every scale, uint8 (N, K, H, W, 3), coarse to fine.
+        batch_size: images generated at once (None: all); progress: show a tqdm bar over the scales.
+        """
+        prompts, draw = self._options(prompts, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        batches = list(self._batches(prompts, seed, images_per_prompt, batch_size, progress=progress,
+                                     return_scales=return_scales, **draw))
+        images_NHW3 = np.concatenate([images for _, images, _ in batches])
+        return (images_NHW3, np.concatenate([scales for _, _, scales in batches])) if return_scales else images_NHW3
+
+    def _batches(self, prompts, seed, images_per_prompt, batch_size, streamed=False, skip=None, progress=False,
+                 **draw):
+        """The loop that generate, generate_batches and edit share. Yields (start, images uint8 (B, H, W, 3),
+        scales uint8 (B, K, H, W, 3) or None) for images start .. start+B-1 of N, prompt-major.
+
+        streamed (generate_batches): a batch encodes only its own prompts and draws from its own generator,
+        seeded batch_seed(seed, start), so it depends on nothing before it and skip(start, B) -> True can
+        leave it out. Otherwise (generate, edit) one generator seeded `seed` draws every batch in turn: the
+        images of a call with several batches stay what they have always been for that seed.
+        draw: STAR.generate's keywords (cfg, top_k, top_p, stable, return_scales, known_idx, keep).
+        """
+        N = len(prompts) * images_per_prompt
+        batch_size = batch_size or N
+        if self._empty is None:
+            self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D): the unguided branch
+        generator = torch.Generator().manual_seed(seed)      # on the CPU: the same draws on every device
+        if not streamed:
+            text = self._text(prompts, images_per_prompt, 0, N)
+        for b, start in enumerate(range(0, N, batch_size)):
+            B = min(batch_size, N - start)
+            if skip is not None and skip(start, B):
+                continue
+            if streamed:
+                rows = self._text(prompts, images_per_prompt, start, B)
+                generator = torch.Generator().manual_seed(batch_seed(seed, start))
+            else:
+                rows = [t[start:start + B] for t in text]    # (B, T, D), (B, T), (B, D)
+            # STAR.generate: scale by scale, each step guided by the "" rows; returns decoded (B, 3, H, W)
+            with scale_progress(self.star, f"batch {b + 1}/{math.ceil(N / batch_size)}", progress) as on_scale:
+                out = self.star.generate(*rows, *self._empty, generator=generator, on_scale=on_scale, **draw)
+            img_B3HW, per_scale = out if draw.get("return_scales") else (out, None)
+            yield start, to_uint8(img_B3HW), (None if per_scale is None else
+                                              np.stack([to_uint8(s) for s in per_scale], axis=1))
+
+    def _text(self, prompts, images_per_prompt, start, B):
+        """The text states of images start .. start+B-1: each prompt encoded once, then repeated for its
+        images in the range (an image i belongs to prompt i // images_per_prompt)."""
+        first, last = start // images_per_prompt, (start + B - 1) // images_per_prompt
+        counts = torch.tensor([min(start + B, (i + 1) * images_per_prompt) - max(start, i * images_per_prompt)
+                               for i in range(first, last + 1)])      # images of each prompt in the range
+        return [t.repeat_interleave(counts.to(t.device), dim=0) for t in self.encode(prompts[first:last + 1])]
+
+    def generate_batches(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
+                         return_scales=False, batch_size=None, skip=None):
+        """generate() one batch at a time, for runs too long to hold in memory or to finish in one go.
+
+        Yields (start, images (B, H, W, 3), scales (B, K, H, W, 3) or None) for images start .. start+B-1
+        (prompt-major, as generate). Each batch encodes only its own prompts and draws from its own
+        generator, seeded batch_seed(seed, start): a batch depends on nothing before it, so skip(start, B)
+        -> True leaves a batch out (already on disk) and the others come out the same. The first batch is
+        seeded `seed`, so a run of one batch gives what generate() gives.
+        """
+        prompts, draw = self._options(prompts, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        yield from self._batches(prompts, seed, images_per_prompt, batch_size, streamed=True, skip=skip,
+                                 return_scales=return_scales, **draw)
+
+    def edit(self, prompts, image, mask, seed=0, cfg=None, top_k=None, top_p=None, stable=None,
+             images_per_prompt=1, batch_size=None, progress=False):
+        """Inpaint / outpaint `image`: uint8 (N, H, W, 3), N = len(prompts) * images_per_prompt.
+
+        image: RGB uint8 (H, W, 3) array or PIL image; mask: (H, W) array or PIL image, white (>= 128,
+        or True) = regenerate, black = keep (outpainting: white outside the part to keep). Both are
+        centre-cropped and resized to the model's resolution (fit_edit_inputs). The image is encoded
+        into its token maps, and at every scale the tokens touching the kept region are the image's
+        while the model draws the rest for the prompt (STAR.generate's known_idx / keep). The kept
+        region is not pasted back: decoding the mixed token maps leaves no seam (README, Editing).
+        Other arguments as in generate().
+        """
+        prompts, draw = self._options(prompts, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
+        if self.vae.encoder is None:
+            raise ValueError(f"{self.source} holds no VQ-VAE encoder weights, so it cannot turn an image into "
+                             "tokens: edit with a checkpoint that has the whole VQ-VAE (train.py writes one)")
+        image, regenerate, _ = fit_edit_inputs(image, mask, self.image_size)
+        if not regenerate.any() or regenerate.all():
+            raise ValueError("the mask " + ("regenerates nothing (it is all black): paint white what to regenerate"
+                             if not regenerate.any() else "keeps nothing (it is all white): paint black what to "
+                             "keep, or generate without --image/--mask"))
+        x_13HW = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        known = self.vae.img_to_idx(x_13HW)                              # K maps (1, pn*pn)
+        keep = keep_masks(torch.from_numpy(~regenerate)[None], self.star.config.patch_nums)   # K bool (1, pn*pn)
+        return np.concatenate([images for _, images, _ in self._batches(
+            prompts, seed, images_per_prompt, batch_size, progress=progress, known_idx=known, keep=keep, **draw)])
+
+    def _options(self, prompts, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
+        """(prompts as a list, STAR.generate's sampling keywords), the pipeline's defaults filled in. A value
+        out of range is a ValueError worded as the command line's flag (the same cli.py types check both)."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of strings")
+        cfg = self.sampling["cfg"] if cfg is None else cfg
+        top_k = self.sampling["top_k"] if top_k is None else top_k
+        top_p = self.sampling["top_p"] if top_p is None else top_p
+        stable = self.head_ready if stable is None else stable
+        for name, value, parse in [("seed", seed, cli.seed), ("cfg", cfg, cli.cfg_scale), ("top_k", top_k, cli.top_k),
+                                   ("top_p", top_p, cli.top_p), ("images_per_prompt", images_per_prompt, cli.positive_int),
+                                   ("batch_size", 1 if batch_size is None else batch_size, cli.positive_int)]:
+            try:
+                parse(str(value))                            # the flag's own check: "cfg=inf: expected ..."
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{name}={e}") from None
+        if stable and not self.star.config.head:
+            raise ValueError(f"stable sampling needs a model with a sampler head, and {self.source} has none: "
+                             "leave it off (--no-stable)")
+        if stable and not self.head_ready:
+            raise ValueError(f"the sampler head of {self.source} is not trained yet (stage 'star'): leave stable "
+                             "sampling off, or train the 'head' stage with train.py")
+        return list(prompts), dict(cfg=cfg, top_k=int(top_k), top_p=top_p, stable=stable)
 
     @property
     def image_size(self):
@@ -101,166 +215,30 @@ class Pipeline:
         self._empty = None
         return self
 
-    @torch.no_grad()
-    def encode(self, prompts):
-        """Prompts -> text states (B, T, D), mask (B, T), pooled (B, D) on the pipeline's device."""
-        ids_BT, mask_BT = self.tokenizer(prompts, context_length=self.text_encoder.config.context_length)
-        ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
-        hidden_BTD, pooled_BD = self.text_encoder(ids_BT, mask_BT)
-        return hidden_BTD, mask_BT, pooled_BD
-
-    def check_options(self, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
-        """Raise one clear ValueError for a sampling option out of range."""
-        if not 0 <= cfg <= MAX_CFG:                          # also refuses nan
-            raise ValueError(f"cfg={cfg}: the guidance scale must be in [0, {MAX_CFG:g}] (0: no guidance; "
-                             "2-5 is usual)")
-        whole = isinstance(top_k, numbers.Integral) or isinstance(top_k, float) and top_k.is_integer()  # not inf
-        if not whole or top_k < 0:
-            raise ValueError(f"top_k={top_k}: expected a whole number >= 0 (0 keeps every token, 1 is greedy)")
-        if not 0 <= top_p <= 1:
-            raise ValueError(f"top_p={top_p}: expected a probability mass in [0, 1] (0 or 1 switch it off)")
-        if images_per_prompt < 1:
-            raise ValueError(f"images_per_prompt={images_per_prompt}: expected 1 or more")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: expected 1 or more images per batch")
-        if stable and not self.star.config.head:
-            raise ValueError(f"stable sampling needs a model with a sampler head, and {self.source} has none: "
-                             "leave it off (--no-stable)")
-        if stable and not self.head_ready:
-            raise ValueError(f"the sampler head of {self.source} is not trained yet (stage 'star'): leave stable "
-                             "sampling off, or train the 'head' stage with train.py")
-
-    def _options(self, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
-        """The sampling options with the pipeline's defaults filled in, checked."""
-        if not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
-            raise ValueError(f"seed={seed}: expected a whole number in [0, 2**64 - 1] (what torch.Generator takes)")
-        cfg = self.sampling["cfg"] if cfg is None else cfg
-        top_k = self.sampling["top_k"] if top_k is None else top_k
-        top_p = self.sampling["top_p"] if top_p is None else top_p
-        stable = self.head_ready if stable is None else stable
-        self.check_options(cfg, top_k, top_p, stable, images_per_prompt, batch_size)
-        return cfg, top_k, top_p, stable
-
-    def generate(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
-                 return_scales=False, batch_size=None, progress=False):
-        """Images for `prompts`: uint8 (N, H, W, 3), N = len(prompts) * images_per_prompt, prompt-major.
-
-        seed: seeds one CPU torch.Generator that draws every token, so a seed gives the same images on
-            every device up to float noise (for the same prompts, options and batch_size).
-        cfg, top_k, top_p: guidance scale and sampling filters; None takes self.sampling's value.
-        stable: commit the large scales with the sampler head; None = on when the head is trained.
-        return_scales: also return the image after every scale, uint8 (N, K, H, W, 3), coarse to fine.
-        batch_size: images generated at once (None: all); progress: show a tqdm bar over the scales.
-        """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts: expected a non-empty list of strings")
-        cfg, top_k, top_p, stable = self._options(seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
-        if self._empty is None:
-            self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D)
-        text = [t.repeat_interleave(images_per_prompt, dim=0) for t in self.encode(list(prompts))]
-        N = text[0].shape[0]
-        batch_size = batch_size or N
-        generator = torch.Generator().manual_seed(seed)
-        images, scales = [], []
-        for b, start in enumerate(range(0, N, batch_size)):
-            rows = [t[start:start + batch_size] for t in text]
-            desc = f"batch {b + 1}/{math.ceil(N / batch_size)}"
-            with scale_progress(self.star, desc, progress) as on_scale:
-                out = self.star.generate(*rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p,
-                                         generator=generator, stable=stable, return_scales=return_scales,
-                                         on_scale=on_scale)
-            img_B3HW, per_scale = (out if return_scales else (out, None))
-            images.append(to_uint8(img_B3HW))
-            if return_scales:
-                scales.append(np.stack([to_uint8(s) for s in per_scale], axis=1))  # (B, K, H, W, 3)
-        images = np.concatenate(images)
-        return (images, np.concatenate(scales)) if return_scales else images
-
-    def generate_batches(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
-                         return_scales=False, batch_size=None, skip=None):
-        """generate() one batch at a time, for runs too long to hold in memory or to finish in one go.
-
-        Yields (start, images (B, H, W, 3), scales (B, K, H, W, 3) or None) for images start .. start+B-1
-        (prompt-major, as generate). Each batch encodes only its own prompts and draws from its own
-        generator, seeded batch_seed(seed, start): a batch depends on nothing before it, so skip(start, B)
-        -> True leaves a batch out (already on disk) and the others come out the same. The first batch is
-        seeded `seed`, so a run of one batch gives what generate() gives.
-        """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts: expected a non-empty list of strings")
-        cfg, top_k, top_p, stable = self._options(seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
-        N = len(prompts) * images_per_prompt
-        batch_size = batch_size or N
-        for start in range(0, N, batch_size):
-            B = min(batch_size, N - start)
-            if skip is not None and skip(start, B):
-                continue
-            if self._empty is None:
-                self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D)
-            first, last = start // images_per_prompt, (start + B - 1) // images_per_prompt
-            counts = torch.tensor([min(start + B, (i + 1) * images_per_prompt) - max(start, i * images_per_prompt)
-                                   for i in range(first, last + 1)])   # images of each prompt in this batch
-            rows = [t.repeat_interleave(counts.to(t.device), dim=0) for t in self.encode(prompts[first:last + 1])]
-            generator = torch.Generator().manual_seed(batch_seed(seed, start))
-            out = self.star.generate(*rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p,
-                                     generator=generator, stable=stable, return_scales=return_scales)
-            img_B3HW, per_scale = (out if return_scales else (out, None))
-            yield start, to_uint8(img_B3HW), (np.stack([to_uint8(s) for s in per_scale], axis=1)
-                                              if return_scales else None)
-
-    def edit(self, prompts, image, mask, seed=0, cfg=None, top_k=None, top_p=None, stable=None,
-             images_per_prompt=1, batch_size=None, progress=False):
-        """Inpaint / outpaint `image`: uint8 (N, H, W, 3), N = len(prompts) * images_per_prompt.
-
-        image: RGB uint8 (H, W, 3) array or PIL image; mask: (H, W) array or PIL image, white (>= 128,
-        or True) = regenerate, black = keep (outpainting: white outside the part to keep). Both are
-        centre-cropped and resized to the model's resolution (fit_edit_inputs). The image is encoded
-        into its token maps, and at every scale the tokens touching the kept region are the image's
-        while the model draws the rest for the prompt (STAR.generate's known_idx / keep). The kept
-        region is not pasted back: decoding the mixed token maps leaves no seam (README, Editing).
-        Other arguments as in generate().
-        """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts: expected a non-empty list of strings")
-        if self.vae.encoder is None:
-            raise ValueError(f"{self.source} holds no VQ-VAE encoder weights, so it cannot turn an image into "
-                             "tokens: edit with a checkpoint that has the whole VQ-VAE (train.py writes one)")
-        image, regenerate, _ = fit_edit_inputs(image, mask, self.image_size)
-        if not regenerate.any() or regenerate.all():
-            raise ValueError("the mask " + ("regenerates nothing (it is all black): paint white what to regenerate"
-                             if not regenerate.any() else "keeps nothing (it is all white): paint black what to "
-                             "keep, or generate without --image/--mask"))
-        cfg, top_k, top_p, stable = self._options(seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
-        x_13HW = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
-        known = self.vae.img_to_idx(x_13HW)                              # K maps (1, pn*pn)
-        keep = keep_masks(torch.from_numpy(~regenerate)[None], self.star.config.patch_nums)
-        if self._empty is None:
-            self._empty = self.encode([""])
-        text = [t.repeat_interleave(images_per_prompt, dim=0) for t in self.encode(list(prompts))]
-        N = text[0].shape[0]
-        batch_size = batch_size or N
-        generator = torch.Generator().manual_seed(seed)
-        images = []
-        for b, start in enumerate(range(0, N, batch_size)):
-            rows = [t[start:start + batch_size] for t in text]
-            desc = f"batch {b + 1}/{math.ceil(N / batch_size)}"
-            with scale_progress(self.star, desc, progress) as on_scale:
-                images.append(to_uint8(self.star.generate(
-                    *rows, *self._empty, cfg=cfg, top_k=int(top_k), top_p=top_p, generator=generator,
-                    stable=stable, known_idx=known, keep=keep, on_scale=on_scale)))
-        return np.concatenate(images)
-
 
 def batch_seed(seed, start):
     """The seed of the batch that starts at image `start`: `seed` for the first, then steps of 2**64 / golden
     ratio (as SplitMix64 does), so the batches of nearby seeds do not share random streams."""
     return (seed + start * 0x9E3779B97F4A7C15) % 2**64
+
+
+def to_uint8(img_B3HW):
+    """[0, 1] images (B, 3, H, W) -> uint8 (B, H, W, 3), rounded to the nearest grey level."""
+    return img_B3HW.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@contextmanager
+def scale_progress(star, desc, enabled=True):
+    """A tqdm bar over the scales of one STAR.generate call inside the block; yields the on_scale
+    callback to pass to it, which advances the bar as each scale's tokens are drawn."""
+    bar = tqdm(total=len(star.config.patch_nums), desc=desc, unit="scale", disable=not enabled)
+    try:
+        yield lambda si, pn: bar.update(1)
+    except BaseException:
+        bar.leave = False                                # an error message should not follow a dead bar
+        raise
+    finally:
+        bar.close()
 
 
 def fit_edit_inputs(image, mask, side):
@@ -284,7 +262,7 @@ def fit_edit_inputs(image, mask, side):
     if (w, h) != (W, H):
         mask = mask.resize((W, H), Image.BOX)
     S = min(W, H)
-    box = ((W - S) // 2, (H - S) // 2, (W - S) // 2 + S, (H - S) // 2 + S)
+    box = ((W - S) // 2, (H - S) // 2, (W - S) // 2 + S, (H - S) // 2 + S)   # the centre square
     note = None
     if (W, H) != (side, side):
         cropped = f"centre-cropped to {S}x{S} and " if W != H else ""
@@ -292,11 +270,6 @@ def fit_edit_inputs(image, mask, side):
         image = image.crop(box).resize((side, side), Image.LANCZOS)
         mask = mask.crop(box).resize((side, side), Image.BOX)
     return np.array(image), np.array(mask) >= 128, note
-
-
-def to_uint8(img_B3HW):
-    """[0, 1] images (B, 3, H, W) -> uint8 (B, H, W, 3), rounded to the nearest grey level."""
-    return img_B3HW.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 # -----------------------------------------------------------------------------
 # our own checkpoints (train.py)
@@ -367,6 +340,7 @@ def load_released(star, vae, text_encoder, tokenizer, preset=None, patch_nums=No
                          "--ckpt")
     sd, _ = star_state_dict(ck, f"STAR weights {star}")
     config = released_config(sd, f"STAR weights {star}", preset, patch_nums, rope_norm, rope_theta)
+    # the three parts must fit each other: STAR's codebook and text width are the VQ-VAE's and the encoder's
     vae_model = VQVAE.from_pretrained(vae, patch_nums=config.patch_nums)
     if (vae_model.config.vocab_size, vae_model.config.z_channels) != (config.vocab_size, config.vae_dim):
         raise ValueError(f"VQ-VAE weights {vae} have a {vae_model.config.vocab_size}x{vae_model.config.z_channels} "
@@ -386,30 +360,7 @@ def load_released(star, vae, text_encoder, tokenizer, preset=None, patch_nums=No
     return pipe.to(device, dtype or torch.float32)
 
 # -----------------------------------------------------------------------------
-# pictures
-
-
-def contact_sheet(images_NHW3, cols, gap=2):
-    """Images side by side in rows of `cols`, on white, `gap` pixels apart: uint8 (H', W', 3)."""
-    N, H, W, _ = images_NHW3.shape
-    rows = math.ceil(N / cols)
-    sheet = np.full((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, 3), 255, np.uint8)
-    for i, img in enumerate(images_NHW3):
-        r, c = divmod(i, cols)
-        sheet[r * (H + gap): r * (H + gap) + H, c * (W + gap): c * (W + gap) + W] = img
-    return sheet
-
-
-def scale_strip(scales_KHW3, max_side=256):
-    """The image after every scale, coarse to fine, in one row (panels shrunk to max_side pixels)."""
-    panels = scales_KHW3
-    if panels.shape[1] > max_side:
-        panels = np.stack([np.asarray(Image.fromarray(p).resize((max_side, max_side), Image.LANCZOS))
-                           for p in panels])
-    return contact_sheet(panels, cols=len(panels))
-
-# -----------------------------------------------------------------------------
-# command line
+# command line: the flags, checked before anything loads
 
 
 def _patch_nums(text):
@@ -424,6 +375,8 @@ def _patch_nums(text):
 
 
 def parse_args(argv=None):
+    """The flags. Each value is checked by its type (cli.py); Pipeline._options runs the same types again
+    on the values it is given, so a flag and a keyword share their range and their wording."""
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
@@ -434,7 +387,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=cli.seed, default=0, metavar="N",
                    help="seed of every random draw, in [0, 2**64 - 1] (default 0)")
     g.add_argument("--cfg", type=cli.cfg_scale, metavar="S",
-                   help=f"classifier-free guidance scale in [0, {MAX_CFG:g}] (default: the model's, "
+                   help=f"classifier-free guidance scale in [0, {cli.MAX_CFG:g}] (default: the model's, "
                    f"bundled {SHAPES_SAMPLING['cfg']}, released {RELEASED_SAMPLING['cfg']})")
     g.add_argument("--top-k", type=cli.top_k, metavar="K",
                    help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
@@ -553,6 +506,47 @@ def read_edit_files(args):
     return files
 
 
+def output_plan(args, n):
+    """(single image file or None, folder or None), created and checked before the model loads."""
+    out, out_dir = args.out, args.out_dir
+    if not out and not out_dir:   # one image, or an edit (one file, a sheet if several): sample.png
+        out, out_dir = ("sample.png", None) if n == 1 or args.image else (None, "samples")
+    target = Path(out_dir) if out_dir else Path(out).resolve().parent
+    try:                          # a folder we cannot write to fails now, not after minutes of sampling
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".sample_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        flag = "--out-dir" if out_dir else "--out"
+        raise UserError(f"{flag} {out_dir or out}: cannot write to {target} ({e.strerror or type(e).__name__}); "
+                        "choose a folder you can write to")
+    return (Path(out) if out else None), (Path(out_dir) if out_dir else None)
+
+# -----------------------------------------------------------------------------
+# command line: loading, memory, files
+
+
+def build_pipeline(args, device, dtype):
+    """The Pipeline the flags name: released weights (--star ...), --ckpt, or the bundled checkpoint."""
+    overrides = dict(patch_nums=args.patch_nums, rope_norm=args.rope_norm, rope_theta=args.rope_theta)
+    if args.star:
+        return load_released(args.star, args.vae, args.text_encoder, args.tokenizer, preset=args.preset,
+                             device=device, dtype=dtype, **overrides)
+    ckpt = Path(args.ckpt) if args.ckpt else DEFAULT_CKPT
+    if not args.ckpt and not ckpt.is_file():
+        raise UserError(f"no checkpoint at {ckpt}: train the bundled model with `{TRAIN_COMMAND}`, pass "
+                        "--ckpt PATH, or use released weights (--preset, --star, --vae, --text-encoder, --tokenizer)")
+    return load_pipeline(ckpt, device=device, dtype=dtype, **overrides)
+
+
+def pick_dtype(name, device):
+    """--dtype: auto is bfloat16 where the GPU computes in it natively, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
 def warn_outside_grammar(prompts):
     """A model of the shapes world knows its captions' small grammar (shapes.py) and nothing else: say so
     for a prompt outside it, which is drawn loosely (e.g. 'a red circle' often comes out as two objects)."""
@@ -566,110 +560,118 @@ def warn_outside_grammar(prompts):
                   "position are part of a one-object caption); it may not be followed", file=sys.stderr)
 
 
-def pick_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
-
-
-def output_plan(args, n):
-    """(single image file or None, folder or None), created and checked before the model loads."""
-    out, out_dir = args.out, args.out_dir
-    if not out and not out_dir:   # one image, or an edit (one file, a sheet if several): sample.png
-        out, out_dir = ("sample.png", None) if n == 1 or args.image else (None, "samples")
-    target = Path(out_dir) if out_dir else Path(out).resolve().parent
+@contextmanager
+def memory_advice(device, dtype, doing, at_once=1, out_dir=None):
+    """Running out of memory inside the block becomes one line saying what was running and what can help.
+    CUDA / MPS raise torch.OutOfMemoryError, the CPU allocator a RuntimeError, Python a MemoryError."""
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        probe = target / ".sample_write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        flag = "--out-dir" if out_dir else "--out"
-        raise UserError(f"{flag} {out_dir or out}: cannot write to {target} ({e.strerror or type(e).__name__}); "
-                        "choose a folder you can write to")
-    return (Path(out) if out else None), (Path(out_dir) if out_dir else None)
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+                or "out of memory" in str(e)):
+            raise
+        advice = [f"--batch-size {at_once // 2}"] if at_once > 1 else []
+        if dtype == torch.float32 and device.type == "cuda":
+            advice.append("--dtype bfloat16")                # half the activations; a CPU gains nothing
+        advice.append("a device with more memory" if device.type != "cpu" else "a machine with more memory")
+        kept = (f" (the images in {out_dir} are kept: the same command with the new flags continues)"
+                if out_dir is not None else "")
+        raise UserError(f"out of memory on {device} {doing} ({type(e).__name__}): use {', '.join(advice)}, "
+                        f"or a smaller model{kept}") from None
 
 
-def build_pipeline(args, device, dtype):
-    overrides = dict(patch_nums=args.patch_nums, rope_norm=args.rope_norm, rope_theta=args.rope_theta)
-    if args.star:
-        return load_released(args.star, args.vae, args.text_encoder, args.tokenizer, preset=args.preset,
-                             device=device, dtype=dtype, **overrides)
-    ckpt = Path(args.ckpt) if args.ckpt else DEFAULT_CKPT
-    if not args.ckpt and not ckpt.is_file():
-        raise UserError(f"no checkpoint at {ckpt}: train the bundled model with `{TRAIN_COMMAND}`, pass "
-                        "--ckpt PATH, or use released weights (--preset, --star, --vae, --text-encoder, --tokenizer)")
-    return load_pipeline(ckpt, device=device, dtype=dtype, **overrides)
+def peak_memory(device):
+    """The most memory this run held, for the summary line."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA, max allocated)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux, bytes on macOS
+    return f"{rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB (process max RSS)"
 
 
-def save_outputs(images, scales, out, cols):
-    """Write one image (or the --grid sheet) to --out; returns what was written, for the summary line."""
-    Image.fromarray(images[0] if len(images) == 1 else contact_sheet(images, cols)).save(out)
-    if scales is not None:
-        strips = [scale_strip(s) for s in scales]
-        Image.fromarray(np.concatenate(strips) if len(strips) == 1 else contact_sheet(np.stack(strips), 1)
-                        ).save(out.with_name(f"{out.stem}_scales.png"))
-    return str(out)
-
-
-def atomic_save(path, write):
-    """write(tmp) then rename: `path` is either the complete file or absent, even after Ctrl-C or a crash."""
+def save(path, content):
+    """Write an image (uint8 (H, W, 3), in the format of path's suffix) or text (an iterable of lines) to
+    `path` through a temporary file and a rename: the file is either complete or absent, even after Ctrl-C
+    or a crash, so a file that exists is a finished one (what --out-dir's continuation counts on)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
+    if isinstance(content, np.ndarray):
+        Image.fromarray(content).save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(content)
     os.replace(tmp, path)
 
 
-def write_lines(path, lines):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines)
+def grid(images_NHW3, images_per_prompt):
+    """The contact sheet of --grid (in --out or the folder's grid.png): a row per prompt when each has
+    several images, else as near a square as the count allows."""
+    N = len(images_NHW3)
+    return contact_sheet(images_NHW3, images_per_prompt if images_per_prompt > 1 else math.ceil(math.sqrt(N)))
 
 
-def save_png(path, img):
-    atomic_save(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
+def contact_sheet(images_NHW3, cols, gap=2):
+    """Images side by side in rows of `cols`, on white, `gap` pixels apart: uint8 (H', W', 3)."""
+    N, H, W, _ = images_NHW3.shape
+    rows = math.ceil(N / cols)
+    sheet = np.full((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, img in enumerate(images_NHW3):
+        r, c = divmod(i, cols)
+        sheet[r * (H + gap): r * (H + gap) + H, c * (W + gap): c * (W + gap) + W] = img
+    return sheet
+
+
+def scale_strip(scales_KHW3, max_side=256):
+    """The image after every scale, coarse to fine, in one row (panels shrunk to max_side pixels)."""
+    panels = scales_KHW3
+    if panels.shape[1] > max_side:
+        panels = np.stack([np.asarray(Image.fromarray(p).resize((max_side, max_side), Image.LANCZOS))
+                           for p in panels])
+    return contact_sheet(panels, cols=len(panels))
+
+# -----------------------------------------------------------------------------
+# command line: --out-dir, written batch by batch and continued after a stop
 
 
 def run_settings(args, prompts, device, dtype):
-    """Everything that decides the images of an --out-dir run, to tell a continuation from another run.
-    --batch-size is not in it: a run stopped by a lack of memory continues with a smaller one."""
+    """Everything that decides the images of an --out-dir run, to tell a continuation from another run,
+    as JSON reads it back (lists, not tuples). --batch-size is not in it: a run stopped by a lack of memory
+    continues with a smaller one."""
     files = [Path(f) for f in (args.ckpt or (None if args.star else DEFAULT_CKPT), args.star, args.vae,
                                args.text_encoder, args.tokenizer) if f]
-    return dict(prompts=prompts, images_per_prompt=args.num_images, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
-                top_p=args.top_p, stable=args.stable, preset=args.preset, patch_nums=args.patch_nums,
-                rope_norm=args.rope_norm, rope_theta=args.rope_theta, device=device.type, dtype=str(dtype),
-                model=[[str(f.resolve()), *((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else ())]
-                       for f in files])
+    return json.loads(json.dumps(dict(
+        prompts=prompts, images_per_prompt=args.num_images, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+        top_p=args.top_p, stable=args.stable, preset=args.preset, patch_nums=args.patch_nums,
+        rope_norm=args.rope_norm, rope_theta=args.rope_theta, device=device.type, dtype=str(dtype),
+        model=[[str(f.resolve()), *((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else ())]
+               for f in files])))
 
 
-def sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype):
+def sample_to_folder(pipe, args, prompts, out_dir, batch_size, settings):
     """Generate into out_dir batch by batch: each image is written (atomically) as soon as its batch is done,
     so memory stays flat however many images are asked for. Images already there from the same settings
     (settings.json) are skipped; their batches' seeds do not depend on them, so the set comes out as one
-    uninterrupted run would write it. Returns (images generated, images skipped)."""
+    uninterrupted run would write it. Returns the number of images generated."""
     n = len(prompts) * args.num_images
-    image = lambda i: out_dir / f"{i:03d}.png"                           # noqa: E731
-    strip = lambda i: out_dir / f"{i:03d}_scales.png"                    # noqa: E731
-    settings = json.loads(json.dumps(run_settings(args, prompts, device, dtype)))   # as read back: lists, not tuples
+    image, strip = (lambda i: out_dir / f"{i:03d}.png"), (lambda i: out_dir / f"{i:03d}_scales.png")
+    done = lambda i: image(i).is_file() and (not args.save_scales or strip(i).is_file())   # noqa: E731
+    # 1. what is there already: our own images (same settings) count as done, another run's are removed
     manifest = out_dir / "settings.json"
     try:
         previous = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
     except (OSError, ValueError):
         previous = None
-    complete = lambda i: image(i).is_file() and (not args.save_scales or strip(i).is_file())   # noqa: E731
-    if not any(out_dir.glob("[0-9][0-9][0-9]*.png")):    # a new folder: nothing to look for, image by image
-        skipped = 0
-    elif previous == settings:
-        skipped = sum(complete(i) for i in range(n))     # counted, not listed: memory stays flat in n
-    else:                    # another run's images: remove ours-to-be first, so none of them counts as done
-        skipped = stale = 0
-        for p in (f(i) for i in range(n) for f in (image, strip)):
+    skipped = stale = 0
+    if previous == settings:
+        skipped = sum(done(i) for i in range(n))          # counted, not listed: memory stays flat in n
+    elif any(out_dir.glob("[0-9][0-9][0-9]*.png")):      # another run's images: remove ours-to-be first,
+        for p in (f(i) for i in range(n) for f in (image, strip)):    # so that none of them counts as done
             if p.is_file():
                 p.unlink()
                 stale += 1
-        if stale:
-            print(f"{out_dir} held {stale} image file(s) of other settings: replaced")
-    atomic_save(manifest, lambda tmp: tmp.write_text(json.dumps(settings, indent=1), encoding="utf-8"))
-    atomic_save(out_dir / "prompts.txt", lambda tmp: write_lines(
-        tmp, (" ".join(p.split()) + "\n" for p in prompts for _ in range(args.num_images))))
+    if stale:
+        print(f"{out_dir} held {stale} image file(s) of other settings: replaced")
+    # 2. the run's description, then its images, batch by batch (a batch whose images are all done is skipped)
+    save(manifest, [json.dumps(settings, indent=1)])
+    save(out_dir / "prompts.txt", (" ".join(p.split()) + "\n" for p in prompts for _ in range(args.num_images)))
     if skipped:
         print(f"skipped {skipped} of {n} images already in {out_dir} (same prompts, seed and settings)")
     bar = tqdm(total=n, initial=skipped, unit="image", desc="images", smoothing=0.1)
@@ -677,65 +679,39 @@ def sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype):
         for start, images, scales in pipe.generate_batches(
                 prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, stable=args.stable,
                 images_per_prompt=args.num_images, return_scales=args.save_scales, batch_size=batch_size,
-                skip=lambda start, B: all(complete(i) for i in range(start, start + B))):
+                skip=lambda start, B: all(done(i) for i in range(start, start + B))):
             for i, img in enumerate(images, start):
-                if not complete(i):
+                if not done(i):
                     if scales is not None:
-                        save_png(strip(i), scale_strip(scales[i - start]))
-                    save_png(image(i), img)                              # last: the image marks it done
+                        save(strip(i), scale_strip(scales[i - start]))
+                    save(image(i), img)                          # last: the image marks it done
                     bar.update(1)
     except BaseException:
-        bar.leave = False                                                # an error line should not follow a bar
+        bar.leave = False                                        # an error line should not follow a bar
         raise
     finally:
         bar.close()
-    if args.grid:                                                        # read back from disk once all are there
-        cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(n))   # a row per prompt
-        save_png(out_dir / "grid.png", contact_sheet(np.stack([np.asarray(Image.open(image(i))) for i in range(n)]),
-                                                     cols))
-    return n - skipped, skipped
+    # 3. the sheet, read back from disk once all images are there (none of them was kept in memory)
+    if args.grid:
+        save(out_dir / "grid.png", grid(np.stack([np.asarray(Image.open(image(i))) for i in range(n)]),
+                                        args.num_images))
+    return n - skipped
 
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA, max allocated)"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux, bytes on macOS
-    return f"{rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB (process max RSS)"
-
-
-def out_of_memory(e):
-    """CUDA / MPS raise torch.OutOfMemoryError; the CPU allocator a RuntimeError; Python a MemoryError."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e) \
-        or "out of memory" in str(e)
-
-
-def memory_advice(device, dtype, at_once, out_dir):
-    """What can help after running out of memory, given what was running."""
-    advice = [f"--batch-size {at_once // 2}"] if at_once > 1 else []
-    if dtype == torch.float32 and device.type == "cuda":
-        advice.append("--dtype bfloat16")
-    advice.append("a device with more memory" if device.type != "cpu" else "a machine with more memory")
-    advice.append("or a smaller model")
-    kept = (f" (the images in {out_dir} are kept: the same command with the new flags continues)"
-            if out_dir is not None else "")
-    return "use " + ", ".join(advice) + kept
+# -----------------------------------------------------------------------------
+# main
 
 
 def run(argv=None):
+    """The command: check every flag and file, load the model, generate, write, and say how long it took."""
     args = parse_args(argv)
     prompts = check_args(args)
+    n = len(prompts) * args.num_images
     device = cli.pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    n = len(prompts) * args.num_images
     out, out_dir = output_plan(args, n)
     image, mask = read_edit_files(args)
-    try:
+    with memory_advice(device, dtype, "loading the model"):
         pipe = build_pipeline(args, device, dtype)
-    except (RuntimeError, MemoryError) as e:
-        if not out_of_memory(e):
-            raise
-        raise UserError(f"out of memory on {device} loading the model ({type(e).__name__}): "
-                        f"{memory_advice(device, dtype, 1, None)}") from None
     cli.set_threads(args.threads, pipe.num_parameters)
     if pipe.trained_on == "shapes":
         warn_outside_grammar(prompts)
@@ -744,40 +720,38 @@ def run(argv=None):
             pipe.star.compile_decoding()
         except RuntimeError as e:
             print(f"note: {e}; generating eagerly", file=sys.stderr)
+    # as many pixels at once as 16 images of 256px: 64 at 64px, 1 at 1024px
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     if image is not None:   # fitted once here, for the note; edit() then finds them at the right size
-        image, regenerate, note = fit_edit_inputs(image, mask, pipe.image_size)
-        mask = regenerate
+        image, mask, note = fit_edit_inputs(image, mask, pipe.image_size)
         if note:
             print(note)
+    options = dict(seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, stable=args.stable,
+                   images_per_prompt=args.num_images, batch_size=batch_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    try:
-        if image is not None:
-            images = pipe.edit(prompts, image, mask, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
-                               top_p=args.top_p, stable=args.stable, images_per_prompt=args.num_images,
-                               batch_size=batch_size, progress=True)
-            cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))
-            generated, written = len(images), save_outputs(images, None, out, cols)
-        elif out_dir is not None:
-            generated, skipped = sample_to_folder(pipe, args, prompts, out_dir, batch_size, device, dtype)
-            written = f"{out_dir}/000.png..{n - 1:03d}.png"
-        else:
-            result = pipe.generate(prompts, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                                   stable=args.stable, images_per_prompt=args.num_images,
-                                   return_scales=args.save_scales, batch_size=batch_size, progress=True)
-            images, scales = result if args.save_scales else (result, None)
-            cols = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))  # a row per prompt
-            generated, written = len(images), save_outputs(images, scales, out, cols)
-    except (RuntimeError, MemoryError) as e:
-        if not out_of_memory(e):
-            raise
-        at_once = min(batch_size, n)
-        raise UserError(f"out of memory on {device} generating {at_once} {pipe.image_size}px images at once "
-                        f"({type(e).__name__}): {memory_advice(device, dtype, at_once, out_dir)}") from None
-    except OSError as e:
-        raise UserError(f"could not write the images ({cli.one_line(e)}); choose another --out / --out-dir") from None
+    at_once = min(batch_size, n)
+    with memory_advice(device, dtype, f"generating {at_once} {pipe.image_size}px images at once", at_once, out_dir):
+        try:
+            if out_dir is not None:
+                generated = sample_to_folder(pipe, args, prompts, out_dir, batch_size,
+                                             run_settings(args, prompts, device, dtype))
+                written = f"{out_dir}/000.png..{n - 1:03d}.png"
+            else:   # one image or one sheet in --out, its scale strips (one per row) in OUT_scales.png
+                if image is not None:
+                    images, scales = pipe.edit(prompts, image, mask, progress=True, **options), None
+                else:
+                    result = pipe.generate(prompts, return_scales=args.save_scales, progress=True, **options)
+                    images, scales = result if args.save_scales else (result, None)
+                save(out, grid(images, args.num_images))
+                if scales is not None:
+                    save(out.with_name(f"{out.stem}_scales.png"), contact_sheet(
+                        np.stack([scale_strip(s) for s in scales]), cols=1))
+                generated, written = len(images), str(out)
+        except OSError as e:
+            raise UserError(f"could not write the images ({cli.one_line(e)}); choose another --out / --out-dir"
+                            ) from None
     seconds = time.perf_counter() - t0
     print(f"wrote {written}")
     if generated:
