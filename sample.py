@@ -67,8 +67,10 @@ class Pipeline:
     @torch.no_grad()
     def encode(self, prompts):
         """Prompts -> text states (B, T, D), mask (B, T), pooled (B, D) on the pipeline's device."""
+        # [SOT] + BPE ids + [EOT], right-padded to the encoder's context (77 for CLIP); mask 1 = a real token
         ids_BT, mask_BT = self.tokenizer(prompts, context_length=self.text_encoder.config.context_length)
         ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
+        # every token's state (STAR's cross-attention reads them) and one pooled vector (its conditioning)
         hidden_BTD, pooled_BD = self.text_encoder(ids_BT, mask_BT)
         return hidden_BTD, mask_BT, pooled_BD
 
@@ -87,10 +89,12 @@ class Pipeline:
         batches = list(self._batches(prompts, seed, images_per_prompt, batch_size, progress=progress,
                                      return_scales=return_scales, **draw))
         images_NHW3 = np.concatenate([images for _, images, _ in batches])
-        return (images_NHW3, np.concatenate([scales for _, _, scales in batches])) if return_scales else images_NHW3
+        if not return_scales:
+            return images_NHW3
+        return images_NHW3, np.concatenate([scales for _, _, scales in batches])     # (N, K, H, W, 3)
 
-    def _batches(self, prompts, seed, images_per_prompt, batch_size, streamed=False, skip=None, progress=False,
-                 **draw):
+    def _batches(self, prompts, seed, images_per_prompt, batch_size, streamed=False, skip=None,
+                 progress=False, **draw):
         """The loop that generate, generate_batches and edit share. Yields (start, images uint8 (B, H, W, 3),
         scales uint8 (B, K, H, W, 3) or None) for images start .. start+B-1 of N, prompt-major.
 
@@ -104,9 +108,10 @@ class Pipeline:
         batch_size = batch_size or N
         if self._empty is None:
             self._empty = self.encode([""])                  # (1, T, D), (1, T), (1, D): the unguided branch
-        generator = torch.Generator().manual_seed(seed)      # on the CPU: the same draws on every device
+        # the generator lives on the CPU: the same draws on every device, and a seed means the same tokens
+        generator = torch.Generator().manual_seed(seed)
         if not streamed:
-            text = self._text(prompts, images_per_prompt, 0, N)
+            text = self._text(prompts, images_per_prompt, 0, N)         # all N rows, encoded once
         for b, start in enumerate(range(0, N, batch_size)):
             B = min(batch_size, N - start)
             if skip is not None and skip(start, B):
@@ -116,23 +121,25 @@ class Pipeline:
                 generator = torch.Generator().manual_seed(batch_seed(seed, start))
             else:
                 rows = [t[start:start + B] for t in text]    # (B, T, D), (B, T), (B, D)
-            # STAR.generate: scale by scale, each step guided by the "" rows; returns decoded (B, 3, H, W)
-            with scale_progress(self.star, f"batch {b + 1}/{math.ceil(N / batch_size)}", progress) as on_scale:
+            # STAR.generate draws the K token maps coarse to fine, each scale guided by the "" rows
+            # ((1 + t) * cond - t * uncond, t ramping up to cfg) and decodes f_hat: (B, 3, H, W) in [0, 1]
+            desc = f"batch {b + 1}/{math.ceil(N / batch_size)}"
+            with scale_progress(self.star, desc, progress) as on_scale:
                 out = self.star.generate(*rows, *self._empty, generator=generator, on_scale=on_scale, **draw)
-            img_B3HW, per_scale = out if draw.get("return_scales") else (out, None)
-            yield start, to_uint8(img_B3HW), (None if per_scale is None else
-                                              np.stack([to_uint8(s) for s in per_scale], axis=1))
+            img_B3HW, per_scale = out if draw.get("return_scales") else (out, None)  # K x (B, 3, H, W)
+            scales = None if per_scale is None else np.stack([to_uint8(s) for s in per_scale], axis=1)
+            yield start, to_uint8(img_B3HW), scales
 
     def _text(self, prompts, images_per_prompt, start, B):
         """The text states of images start .. start+B-1: each prompt encoded once, then repeated for its
-        images in the range (an image i belongs to prompt i // images_per_prompt)."""
+        images in the range (image i belongs to prompt i // images_per_prompt)."""
         first, last = start // images_per_prompt, (start + B - 1) // images_per_prompt
         counts = torch.tensor([min(start + B, (i + 1) * images_per_prompt) - max(start, i * images_per_prompt)
                                for i in range(first, last + 1)])      # images of each prompt in the range
         return [t.repeat_interleave(counts.to(t.device), dim=0) for t in self.encode(prompts[first:last + 1])]
 
-    def generate_batches(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None, images_per_prompt=1,
-                         return_scales=False, batch_size=None, skip=None):
+    def generate_batches(self, prompts, seed=0, cfg=None, top_k=None, top_p=None, stable=None,
+                         images_per_prompt=1, return_scales=False, batch_size=None, skip=None):
         """generate() one batch at a time, for runs too long to hold in memory or to finish in one go.
 
         Yields (start, images (B, H, W, 3), scales (B, K, H, W, 3) or None) for images start .. start+B-1
@@ -159,22 +166,31 @@ class Pipeline:
         """
         prompts, draw = self._options(prompts, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size)
         if self.vae.encoder is None:
-            raise ValueError(f"{self.source} holds no VQ-VAE encoder weights, so it cannot turn an image into "
-                             "tokens: edit with a checkpoint that has the whole VQ-VAE (train.py writes one)")
-        image, regenerate, _ = fit_edit_inputs(image, mask, self.image_size)
+            raise ValueError(f"{self.source} holds no VQ-VAE encoder weights, so it cannot turn an image "
+                             "into tokens: edit with a checkpoint that has the whole VQ-VAE "
+                             "(train.py writes one)")
+        image, regenerate, _ = fit_edit_inputs(image, mask, self.image_size)   # (S, S, 3) uint8, (S, S) bool
         if not regenerate.any() or regenerate.all():
-            raise ValueError("the mask " + ("regenerates nothing (it is all black): paint white what to regenerate"
-                             if not regenerate.any() else "keeps nothing (it is all white): paint black what to "
-                             "keep, or generate without --image/--mask"))
+            raise ValueError("the mask " + (
+                "regenerates nothing (it is all black): paint white what to regenerate"
+                if not regenerate.any() else
+                "keeps nothing (it is all white): paint black what to keep, or generate without --image/--mask"))
+        # the image in the VQ-VAE's range [-1, 1], (1, 3, S, S), and its token maps at every scale
         x_13HW = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
         known = self.vae.img_to_idx(x_13HW)                              # K maps (1, pn*pn)
-        keep = keep_masks(torch.from_numpy(~regenerate)[None], self.star.config.patch_nums)   # K bool (1, pn*pn)
-        return np.concatenate([images for _, images, _ in self._batches(
-            prompts, seed, images_per_prompt, batch_size, progress=progress, known_idx=known, keep=keep, **draw)])
+        # which tokens of each scale stay the image's: K bool maps (1, pn*pn), True = keep
+        keep = keep_masks(torch.from_numpy(~regenerate)[None], self.star.config.patch_nums)
+        batches = self._batches(prompts, seed, images_per_prompt, batch_size, progress=progress,
+                                known_idx=known, keep=keep, **draw)
+        return np.concatenate([images for _, images, _ in batches])
 
     def _options(self, prompts, seed, cfg, top_k, top_p, stable, images_per_prompt, batch_size):
-        """(prompts as a list, STAR.generate's sampling keywords), the pipeline's defaults filled in. A value
-        out of range is a ValueError worded as the command line's flag (the same cli.py types check both)."""
+        """(prompts as a list, STAR.generate's sampling keywords), the pipeline's defaults filled in.
+
+        The Python API is a boundary of its own (shapes.py and users call it directly), so its values are
+        checked here, by the very argparse types that check the flags (cli.py): one range and one wording
+        for both, e.g. ValueError "cfg=inf: expected a number in [0, 100]" for --cfg's "--cfg inf: ...".
+        """
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts: expected a non-empty list of strings")
@@ -182,23 +198,26 @@ class Pipeline:
         top_k = self.sampling["top_k"] if top_k is None else top_k
         top_p = self.sampling["top_p"] if top_p is None else top_p
         stable = self.head_ready if stable is None else stable
-        for name, value, parse in [("seed", seed, cli.seed), ("cfg", cfg, cli.cfg_scale), ("top_k", top_k, cli.top_k),
-                                   ("top_p", top_p, cli.top_p), ("images_per_prompt", images_per_prompt, cli.positive_int),
+        for name, value, parse in [("seed", seed, cli.seed), ("cfg", cfg, cli.cfg_scale),
+                                   ("top_k", top_k, cli.top_k), ("top_p", top_p, cli.top_p),
+                                   ("images_per_prompt", images_per_prompt, cli.positive_int),
                                    ("batch_size", 1 if batch_size is None else batch_size, cli.positive_int)]:
             try:
-                parse(str(value))                            # the flag's own check: "cfg=inf: expected ..."
+                parse(str(value))          # str() of an int or float reads back as the same number
             except argparse.ArgumentTypeError as e:
                 raise ValueError(f"{name}={e}") from None
+        # stable sampling commits tokens with the sampler head (sec. 3.4): it must exist and be trained
         if stable and not self.star.config.head:
-            raise ValueError(f"stable sampling needs a model with a sampler head, and {self.source} has none: "
-                             "leave it off (--no-stable)")
+            raise ValueError(f"stable sampling needs a model with a sampler head, and {self.source} has "
+                             "none: leave it off (--no-stable)")
         if stable and not self.head_ready:
-            raise ValueError(f"the sampler head of {self.source} is not trained yet (stage 'star'): leave stable "
-                             "sampling off, or train the 'head' stage with train.py")
+            raise ValueError(f"the sampler head of {self.source} is not trained yet (stage 'star'): leave "
+                             "stable sampling off, or train the 'head' stage with train.py")
         return list(prompts), dict(cfg=cfg, top_k=int(top_k), top_p=top_p, stable=stable)
 
     @property
     def image_size(self):
+        """The side of the images: the VQ-VAE's downsampling times the last (finest) token map's side."""
         return self.vae.config.downsample * self.star.config.patch_nums[-1]
 
     @property
@@ -209,10 +228,10 @@ class Pipeline:
         """STAR runs in `dtype`; the text encoder and the VQ-VAE stay float32 (as in the reference)."""
         self.device = torch.device(device or self.device)
         self.dtype = dtype or self.dtype
-        self.text_encoder.to(self.device)
-        self.vae.to(self.device)
-        self.star.to(self.device, self.dtype)
-        self._empty = None
+        self.text_encoder.to(self.device)                    # once per prompt: float32 costs little
+        self.vae.to(self.device)                             # once per image, float32 as in the reference
+        self.star.to(self.device, self.dtype)                # most of the work and memory: --dtype is for it
+        self._empty = None                                   # encoded again on the new device
         return self
 
 
@@ -299,6 +318,7 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
                              f"{star_config.patch_nums[-1]}, but the VQ-VAE of {path} decodes "
                              f"{vae_config.patch_nums[-1]}x{vae_config.patch_nums[-1]} latents "
                              f"({vae_config.image_size}px images): end the list at {vae_config.patch_nums[-1]}")
+        # the VQ-VAE quantizes at STAR's scales: both must use the same token-map sides
         vae = VQVAE(replace(vae_config, patch_nums=star_config.patch_nums))
         if not any(k.startswith("encoder.") for k in ck["vae"]):
             vae.encoder = None                           # a decoder-only bundle generates but cannot edit
@@ -312,8 +332,10 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
         detail = (str(e).strip().splitlines() or [""])[0][:160]
         raise ValueError(f"checkpoint {path} is inconsistent ({type(e).__name__}: {detail}); "
                          "write it again with train.py") from None
-    sampling = {**SHAPES_SAMPLING, **{k: v for k, v in (ck.get("sampling") or {}).items() if k in SHAPES_SAMPLING}}
-    head_ready = star_config.head and ck.get("stage") == "head"
+    # the checkpoint's own sampling settings (train.py stores its tuned ones) win over the defaults
+    sampling = {**SHAPES_SAMPLING, **{k: v for k, v in (ck.get("sampling") or {}).items()
+                                      if k in SHAPES_SAMPLING}}
+    head_ready = star_config.head and ck.get("stage") == "head"      # the head is trained in the last stage
     trained_on = (ck.get("args") or {}).get("data")
     pipe = Pipeline(tokenizer, text_encoder.eval(), vae.eval(), star.eval(), sampling, head_ready, str(path),
                     trained_on)
@@ -671,7 +693,8 @@ def sample_to_folder(pipe, args, prompts, out_dir, batch_size, settings):
         print(f"{out_dir} held {stale} image file(s) of other settings: replaced")
     # 2. the run's description, then its images, batch by batch (a batch whose images are all done is skipped)
     save(manifest, [json.dumps(settings, indent=1)])
-    save(out_dir / "prompts.txt", (" ".join(p.split()) + "\n" for p in prompts for _ in range(args.num_images)))
+    save(out_dir / "prompts.txt",                        # line i: the prompt of NNN.png i, on one line
+         (" ".join(p.split()) + "\n" for p in prompts for _ in range(args.num_images)))
     if skipped:
         print(f"skipped {skipped} of {n} images already in {out_dir} (same prompts, seed and settings)")
     bar = tqdm(total=n, initial=skipped, unit="image", desc="images", smoothing=0.1)
@@ -703,6 +726,7 @@ def sample_to_folder(pipe, args, prompts, out_dir, batch_size, settings):
 
 def run(argv=None):
     """The command: check every flag and file, load the model, generate, write, and say how long it took."""
+    # 1. everything the user gave, checked before the model loads (a typo should not cost a minute of loading)
     args = parse_args(argv)
     prompts = check_args(args)
     n = len(prompts) * args.num_images
@@ -710,6 +734,7 @@ def run(argv=None):
     dtype = pick_dtype(args.dtype, device)
     out, out_dir = output_plan(args, n)
     image, mask = read_edit_files(args)
+    # 2. the model, and how to run it here
     with memory_advice(device, dtype, "loading the model"):
         pipe = build_pipeline(args, device, dtype)
     cli.set_threads(args.threads, pipe.num_parameters)
@@ -718,7 +743,7 @@ def run(argv=None):
     if args.compile:
         try:
             pipe.star.compile_decoding()
-        except RuntimeError as e:
+        except RuntimeError as e:                        # no compiler for this device: eager is the same math
             print(f"note: {e}; generating eagerly", file=sys.stderr)
     # as many pixels at once as 16 images of 256px: 64 at 64px, 1 at 1024px
     batch_size = args.batch_size or min(64, max(1, 16 * 256 ** 2 // pipe.image_size ** 2))
@@ -728,33 +753,36 @@ def run(argv=None):
             print(note)
     options = dict(seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, stable=args.stable,
                    images_per_prompt=args.num_images, batch_size=batch_size)
+    # 3. generate and write: into a folder batch by batch, or into one file (--out, a --grid sheet)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)      # the summary's peak is the sampling's, not the load's
     t0 = time.perf_counter()
     at_once = min(batch_size, n)
-    with memory_advice(device, dtype, f"generating {at_once} {pipe.image_size}px images at once", at_once, out_dir):
+    doing = f"generating {at_once} {pipe.image_size}px images at once"
+    with memory_advice(device, dtype, doing, at_once, out_dir):
         try:
             if out_dir is not None:
                 generated = sample_to_folder(pipe, args, prompts, out_dir, batch_size,
                                              run_settings(args, prompts, device, dtype))
                 written = f"{out_dir}/000.png..{n - 1:03d}.png"
-            else:   # one image or one sheet in --out, its scale strips (one per row) in OUT_scales.png
+            else:
                 if image is not None:
                     images, scales = pipe.edit(prompts, image, mask, progress=True, **options), None
                 else:
                     result = pipe.generate(prompts, return_scales=args.save_scales, progress=True, **options)
                     images, scales = result if args.save_scales else (result, None)
-                save(out, grid(images, args.num_images))
-                if scales is not None:
+                save(out, grid(images, args.num_images))                 # one image is a sheet of one
+                if scales is not None:                                   # a strip per image, one per row
                     save(out.with_name(f"{out.stem}_scales.png"), contact_sheet(
                         np.stack([scale_strip(s) for s in scales]), cols=1))
                 generated, written = len(images), str(out)
         except OSError as e:
-            raise UserError(f"could not write the images ({cli.one_line(e)}); choose another --out / --out-dir"
-                            ) from None
+            raise UserError(f"could not write the images ({cli.one_line(e)}); choose another --out / "
+                            "--out-dir") from None
+    # 4. what was written, and what it cost (bench.py reads the time and the threads off this line)
     seconds = time.perf_counter() - t0
     print(f"wrote {written}")
-    if generated:
+    if generated:                                        # 0 when an --out-dir run found everything done
         print(f"{generated} image(s) of {pipe.image_size}x{pipe.image_size} in {seconds:.2f}s: "
               f"{seconds / generated:.3f} s/image on {device} ({str(dtype).removeprefix('torch.')}, "
               f"{torch.get_num_threads()} CPU thread(s)), peak memory {peak_memory(device)}")
