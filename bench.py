@@ -4,7 +4,7 @@ fraction of the device's peak; with --train, training steps (tokens/s and utilis
 
 The model is a named preset of star.py with random weights built on the device (no download; the
 presets run with VAR's ch160 VQ-VAE of tokenizer.py, random too), the small model of the bundled demo
-(--preset demo: 64px, the size train.py trains by default), or a checkpoint of train.py (--ckpt).
+(--preset demo: the configs of train.py's default run, 64px), or a checkpoint of train.py (--ckpt).
 Generation is STAR.generate from text states to decoded images with classifier-free guidance (both
 guidance rows in one batch), timed after warm-up with the device synchronised. The text encoder
 (clip_text.py) is not timed; random text states stand in for it. FLOPs are counted analytically
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import cli
+import train
 from star import PRESETS, STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
 from weights import RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights
@@ -43,13 +44,12 @@ TEXT_LEN = 77  # CLIP's context: cross-attention always runs over all 77 states 
 # -----------------------------------------------------------------------------
 # the models to measure
 
-# The bundled demo (train.py's defaults): 64px, 6 scales, depth 4 width 128, a 2-layer text encoder of
-# width 128, a ch32 VQ-VAE with 512 codes, the sampler head from scale 4.
-DEMO_STAR = STARConfig(depth=4, width=128, num_heads=2, patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=512,
-                       text_dim=128, head=True, sample_from_idx=4, cross_attn_mode='per_row', drop_path_rate=0.0,
-                       class_emb=False)
-DEMO_VAE = VQVAEConfig(vocab_size=512, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_nums=DEMO_STAR.patch_nums,
-                       norm_groups=8)
+# The bundled demo: the models of train.py's default run (64px, 6 scales, STAR depth 4 width 128 with the
+# sampler head from scale 4, a ch32 VQ-VAE with 512 codes, a text encoder of width 128), made by train.py's
+# own config builders from its flags' defaults, so that the two cannot drift apart.
+_TRAIN_DEFAULTS = train.build_parser().parse_args([])
+DEMO_VAE = train.default_vae_config(_TRAIN_DEFAULTS)
+DEMO_STAR = train.default_star_config(_TRAIN_DEFAULTS, _TRAIN_DEFAULTS.text_width, DEMO_VAE)
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, by a substring of the device name.
 PEAK_TFLOPS_16BIT = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}
