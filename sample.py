@@ -6,7 +6,8 @@ clip_text.py turn prompts into text states, STAR (star.py) draws the token maps 
 classifier-free guidance (the empty prompt "" is the unconditional branch; sec. 3 of the paper), and the
 multi-scale VQ-VAE of tokenizer.py decodes them. `load_pipeline` reads a checkpoint written by train.py;
 `load_released` builds the same from the released files (STAR weights, VAR's VQ-VAE, SD-2.1's text
-encoder and tokenizer). Images come back as uint8 arrays (N, H, W, 3); a seed fixes them.
+encoder and tokenizer). Images come back as uint8 arrays (N, H, W, 3); a seed fixes them. shapes.py
+lends its grammar (a warning for prompts outside it), to_uint8 and the contact sheet of --grid.
 
   python sample.py --prompt "a red circle above a blue square"            # bundled model -> sample.png
   python sample.py --prompts-file prompts.txt --num-images 4 --out-dir out --grid --save-scales
@@ -35,6 +36,7 @@ from tqdm import tqdm
 import cli
 from cli import UserError
 from clip_text import TextConfig, TextEncoder, Tokenizer
+from shapes import contact_sheet, parse_caption, to_uint8
 from star import PRESETS, STAR, STARConfig, keep_masks
 from tokenizer import VQVAE, VQVAEConfig
 from weights import (RELEASED_SAMPLING, SHAPES_SAMPLING, read_weights, released_config, star_state_dict,
@@ -239,11 +241,6 @@ def batch_seed(seed, start):
     """The seed of the batch that starts at image `start`: `seed` for the first, then steps of 2**64 / golden
     ratio (as SplitMix64 does), so the batches of nearby seeds do not share random streams."""
     return (seed + start * 0x9E3779B97F4A7C15) % 2**64
-
-
-def to_uint8(img_B3HW):
-    """[0, 1] images (B, 3, H, W) -> uint8 (B, H, W, 3), rounded to the nearest grey level."""
-    return img_B3HW.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @contextmanager
@@ -572,10 +569,9 @@ def pick_dtype(name, device):
 def warn_outside_grammar(prompts):
     """A model of the shapes world knows its captions' small grammar (shapes.py) and nothing else: say so
     for a prompt outside it, which is drawn loosely (e.g. 'a red circle' often comes out as two objects)."""
-    import shapes
     for prompt in dict.fromkeys(prompts):
         try:
-            shapes.parse_caption(prompt)
+            parse_caption(prompt)
         except ValueError:
             print(f"warning: {prompt!r} is outside the captions this model was trained on, such as 'a large red "
                   "circle on the left on a white background' or 'a red circle above a blue square' (size and "
@@ -626,19 +622,7 @@ def save(path, content):
 def grid(images_NHW3, images_per_prompt):
     """The contact sheet of --grid (in --out or the folder's grid.png): a row per prompt when each has
     several images, else as near a square as the count allows."""
-    N = len(images_NHW3)
-    return contact_sheet(images_NHW3, images_per_prompt if images_per_prompt > 1 else math.ceil(math.sqrt(N)))
-
-
-def contact_sheet(images_NHW3, cols, gap=2):
-    """Images side by side in rows of `cols`, on white, `gap` pixels apart: uint8 (H', W', 3)."""
-    N, H, W, _ = images_NHW3.shape
-    rows = math.ceil(N / cols)
-    sheet = np.full((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, 3), 255, np.uint8)
-    for i, img in enumerate(images_NHW3):
-        r, c = divmod(i, cols)
-        sheet[r * (H + gap): r * (H + gap) + H, c * (W + gap): c * (W + gap) + W] = img
-    return sheet
+    return contact_sheet(images_NHW3, images_per_prompt if images_per_prompt > 1 else None)
 
 
 def scale_strip(scales_KHW3, max_side=256):

@@ -9,7 +9,9 @@ Shapes are drawn with crisp pixels (no anti-aliasing): every pixel is exactly a 
 is easier for the VQ-VAE and STAR to learn and for the judge to read. train.py renders batches on the
 fly with `sample_batch` (nothing on disk). The judge parses a caption and measures an image with plain
 numpy (nearest-palette pixel labels, 4-connected blobs, shape moments, extent, centre), so a trained
-model's prompt-following is a number: `eval` generates images for held-out captions via sample.py.
+model's prompt-following is a number: `eval` generates images for held-out captions via sample.py, and
+train.py judges its current weights the same way (judge_heldout). `contact_sheet` lays out the image
+grids of all three files.
 
   python shapes.py show --n 16 --out grid.png               # random scenes; captions on stdout
   python shapes.py check --n 600                            # the judge on clean/degraded/mismatched renders
@@ -464,20 +466,35 @@ def check_judge(n=600, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command line: show, check, eval.
+# Images as uint8 arrays, and the contact sheet that lays out every grid of sample.py, train.py and this file.
+
+def to_uint8(img_B3HW):
+    """[0, 1] images (B, 3, H, W) -> uint8 (B, H, W, 3), rounded to the nearest grey level."""
+    return img_B3HW.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def contact_sheet(images_NHW3, cols=None, gap=2):
+    """uint8 images (N, H, W, 3) side by side in rows of `cols` (None: as near a square as N allows), `gap`
+    pixels apart, on white (also where the last row is short): uint8 (H', W', 3). The layout of every grid:
+    sample.py's --grid and scale strips, train.py's previews (gap 0), show / eval --grid here."""
+    N, H, W, _ = images_NHW3.shape
+    cols = cols or math.ceil(math.sqrt(N))
+    rows = math.ceil(N / cols)
+    sheet = np.full((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, img in enumerate(images_NHW3):
+        r, c = divmod(i, cols)
+        sheet[r * (H + gap): r * (H + gap) + H, c * (W + gap): c * (W + gap) + W] = img
+    return sheet
+
 
 def save_grid(images, path, scale=4, cols=None):
-    """Write uint8 (64, 64, 3) images as one PNG grid, upscaled `scale` times with nearest neighbours."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    gap, s = 2, RESOLUTION * scale
-    grid = np.full((rows * (s + gap) + gap, cols * (s + gap) + gap, 3), 90, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        y, x = gap + r * (s + gap), gap + c * (s + gap)
-        grid[y:y + s, x:x + s] = im.repeat(scale, 0).repeat(scale, 1)
-    Image.fromarray(grid).save(path)
+    """Write uint8 (64, 64, 3) images as one PNG contact sheet, each upscaled `scale` times (nearest)."""
+    big_NHW3 = np.stack(images).repeat(scale, axis=1).repeat(scale, axis=2)
+    Image.fromarray(contact_sheet(big_NHW3, cols)).save(path)
 
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluating a model with the judge, and the command line: show, check, eval, edit-eval.
 
 def summarize(results):
     """{group: {"n", "ok", attribute: accuracy}} of judge() results, for one-object, two-object and all prompts."""
@@ -500,33 +517,23 @@ def reverse_relation(caption_text):
     return re.sub("|".join(turn), lambda m: turn[m.group(0)], caption_text, count=1)
 
 
-def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=None, stable=None, grid=None,
-             threads=None):
-    """Generate images for n held-out captions with a checkpoint and judge them; returns summarize()'s table
-    and a row 'white/black bg' for the captions that name one of those two backgrounds. The two-object
-    row's 'reversed' is how often the relation holds for the caption with its relation turned round.
-    threads: CPU threads (None: cli.set_threads's choice for the model's size)."""
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such file; train one with train.py or pass checkpoints/shapes.pt")
-    # sample.py provides load_pipeline(path) -> object with .generate(prompts, seed, cfg, top_k, top_p, stable)
-    # returning (B, 64, 64, 3) uint8; options left as None here keep generate's own defaults.
-    from sample import load_pipeline
-    pipe = load_pipeline(ckpt)
-    cli.set_threads(threads, pipe.num_parameters)
-    options = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p, stable=stable).items() if v is not None}
+def judge_heldout(generate, n, seed=0, batch_size=50):
+    """Judge the images that generate(captions, seed) -> uint8 (B, 64, 64, 3) draws for n held-out captions,
+    batch_size at a time (the batch from caption i with seed + i). Returns (summarize()'s table, the images);
+    the table's two-object row has 'reversed', how often the relation holds for the caption with its
+    relation turned round, and a row 'white/black bg' covers the captions naming one of those backgrounds.
+    shapes.py's eval generates with a checkpoint (evaluate), train.py with the weights it is training."""
     captions = heldout_captions(n, seed)
-    results, all_images = [], []
+    results, images = [], []
     for i in range(0, n, batch_size):
         prompts = captions[i:i + batch_size]
-        images = np.asarray(pipe.generate(prompts, seed=seed + i, **options))     # each batch its own seed
-        results += [judge(c, im) for c, im in zip(prompts, images)]
-        all_images += list(images)
-    if grid:
-        save_grid(all_images[:64], grid, scale=2, cols=8)
+        batch = np.asarray(generate(prompts, seed + i))                 # each batch its own seed
+        results += [judge(c, im) for c, im in zip(prompts, batch)]
+        images += list(batch)
     table = summarize(results)
     # a relation that does not hold may be reversed (the objects drawn the other way round, i.e. the model
     # ignored which object the caption names first) or neither (an object missing or misplaced)
-    two = [(c, im) for c, im, r in zip(captions, all_images, results) if "relation" in r]
+    two = [(c, im) for c, im, r in zip(captions, images, results) if "relation" in r]
     if two:
         table["two-object"]["reversed"] = float(np.mean([judge(reverse_relation(c), im)["relation"]
                                                          for c, im in two]))
@@ -535,6 +542,28 @@ def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=Non
              if c.endswith((" white background", " black background"))]
     if named:
         table["white/black bg"] = {"n": len(named), "background": float(np.mean(named))}
+    return table, images
+
+
+def evaluate(ckpt, n=300, seed=0, batch_size=50, cfg=None, top_k=None, top_p=None, stable=None, grid=None,
+             threads=None):
+    """Generate images for n held-out captions with a checkpoint and judge them: judge_heldout's table.
+    grid: also write the first 64 images there. threads: CPU threads (None: cli.set_threads's choice for
+    the model's size)."""
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt {ckpt}: no such file; train one with train.py or pass "
+                                "checkpoints/shapes.pt")
+    # sample.py provides load_pipeline(path) -> object with .generate(prompts, seed, cfg, top_k, top_p,
+    # stable) returning (B, 64, 64, 3) uint8; options left as None here keep generate's own defaults.
+    from sample import load_pipeline
+    pipe = load_pipeline(ckpt)
+    cli.set_threads(threads, pipe.num_parameters)
+    options = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p, stable=stable).items()
+               if v is not None}
+    table, images = judge_heldout(lambda prompts, s: pipe.generate(prompts, seed=s, **options), n, seed,
+                                  batch_size)
+    if grid:
+        save_grid(images[:64], grid, scale=2, cols=8)
     return table
 
 
@@ -590,7 +619,7 @@ def _near(region, margin):
 def evaluate_edits(ckpt, n=60, seed=0, grid=None):
     """Judge pass rate, kept-region error and time of n inpainting and n outpainting edits; prints them."""
     import time
-    from sample import load_pipeline, to_uint8
+    from sample import load_pipeline
     pipe = load_pipeline(ckpt)
     cli.set_threads(None, pipe.num_parameters)
     shown = []

@@ -41,6 +41,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import cli
+import shapes
 from cli import Parser, UserError, positive_int
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from star import STAR, STARConfig
@@ -166,24 +167,20 @@ class ShapesData:
     """The synthetic world of shapes.py: one or two coloured shapes, captioned, drawn on the fly at 64x64.
 
     Every batch is drawn fresh, so there is no fixed training set to overfit, and shapes.judge can score
-    what STAR draws for captions held out of training (evaluate_shapes).
+    what STAR draws for captions held out of training (evaluate).
     """
     identity = "shapes"
-
-    def __init__(self):
-        import shapes
-        self.shapes = shapes
 
     def preview_captions(self, n=8):
         return PREVIEW[:n]
 
     def batch(self, batch_size, rng):
-        return self.shapes.sample_batch(batch_size, rng)         # (B, 3, 64, 64) in [-1, 1], B captions
+        return shapes.sample_batch(batch_size, rng)         # (B, 3, 64, 64) in [-1, 1], B captions
 
     def captions(self, seed, n=5000):
         """Captions to learn the BPE vocabulary from (their own stream, disjoint from training batches)."""
         rng = batch_rng(seed, 0, 0, stream=2)
-        return [self.shapes.caption(self.shapes.random_scene(rng)) for _ in range(n)]
+        return [shapes.caption(shapes.random_scene(rng)) for _ in range(n)]
 
 
 def weights_fingerprint(state_dict):
@@ -418,37 +415,17 @@ def generate(parts, captions, seed, dev, **sampling):
     return img
 
 
-def save_grid(img_N3HW, path, cols=8):
-    """A contact sheet of images in [0, 1], written atomically as PNG."""
+def save_png(image_HW3, path):
+    """Write a uint8 image (H, W, 3) as PNG, atomically: a temporary name, then os.replace, so an image viewer
+    watching OUT never opens half a file."""
     from PIL import Image
-    N, _, H, W = img_N3HW.shape
-    rows = (N + cols - 1) // cols
-    grid = torch.ones(3, rows * H, cols * W)                  # white where the last row is not full
-    for i, im in enumerate(img_N3HW.float().cpu().clamp(0, 1)):
-        grid[:, (i // cols) * H:(i // cols + 1) * H, (i % cols) * W:(i % cols + 1) * W] = im
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)      # (rows * H, cols * W, 3)
-    # a temporary name, then os.replace: an image viewer watching OUT never opens half a file
     tmp = Path(path).with_suffix(".tmp.png")
     try:
-        Image.fromarray(arr).save(tmp)
+        Image.fromarray(image_HW3).save(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def evaluate_shapes(parts, n, dev, stable, seed=0):
-    """Judge-measured accuracy on n held-out captions: (one-object, two-object) fractions fully correct."""
-    import shapes
-    caps = shapes.heldout_captions(n, seed)
-    ok = {True: [], False: []}                  # "relation" in the judge's verdict: a two-object caption
-    for i in range(0, n, 50):                   # 50 images at a time bounds the memory
-        img = generate(parts, caps[i:i + 50], seed + i, dev, stable=stable, **SHAPES_SAMPLING)
-        arr = (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)     # (N, H, W, 3)
-        for c, a in zip(caps[i:i + 50], arr):
-            r = shapes.judge(c, a)
-            ok["relation" in r].append(r["ok"])
-    return float(np.mean(ok[False])), float(np.mean(ok[True]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -584,7 +561,9 @@ def save_preview(run, done, img_B3HW=None):
     else:
         grid = generate(run.parts, run.data.preview_captions(), 0, run.dev, stable=run.stage == "head",
                         **SHAPES_SAMPLING)
-    save_grid(grid, run.path.parent / f"{run.stage}_{done:06d}.png")
+    # rows of 8, edge to edge, white where the last row is short: (rows * H, 8 * W, 3)
+    save_png(shapes.contact_sheet(shapes.to_uint8(grid), cols=8, gap=0),
+             run.path.parent / f"{run.stage}_{done:06d}.png")
 
 
 def evaluate(run, done):
@@ -592,7 +571,13 @@ def evaluate(run, done):
     held-out captions, logged with the training minutes so far (for accuracy-versus-time curves)."""
     if not (run.args.data == "shapes" and due(done, run.args.eval_every, run.steps)):
         return
-    one, two = evaluate_shapes(run.parts, run.args.eval_n, run.dev, stable=run.stage == "head")
+
+    def draw(captions, seed):                   # uint8 (B, H, W, 3), with the weights of this step
+        return shapes.to_uint8(generate(run.parts, captions, seed, run.dev, stable=run.stage == "head",
+                                        **SHAPES_SAMPLING))
+    table, _ = shapes.judge_heldout(draw, run.args.eval_n)
+    # the fractions of captions drawn fully right (nan for a group --eval-n 1 leaves empty)
+    one, two = (table[g]["ok"] if g in table else math.nan for g in ("one-object", "two-object"))
     run.log.write(f"eval {run.stage} step {done} minutes {run.seconds / 60:.1f} "
                   f"one-object {one:.3f} two-object {two:.3f}\n")
     run.log.flush()

@@ -230,11 +230,35 @@ def test_judge_input_errors():
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
+def test_contact_sheet_places_tiles_in_rows_on_white():
+    """The one grid layout (sample.py's --grid, train.py's previews, show): tile i at row i // cols, column
+    i % cols, `gap` white pixels between tiles, none around them, white where the last row is short."""
+    tiles = np.stack([np.full((3, 4, 3), 10 * (i + 1), np.uint8) for i in range(5)])     # (5, H=3, W=4, 3)
+    sheet = shapes.contact_sheet(tiles, cols=3, gap=2)
+    assert sheet.shape == (2 * 3 + 2, 3 * 4 + 2 * 2, 3) and sheet.dtype == np.uint8
+    for i in range(5):
+        y, x = (i // 3) * 5, (i % 3) * 6
+        assert (sheet[y:y + 3, x:x + 4] == 10 * (i + 1)).all()
+    painted = np.zeros(sheet.shape[:2], bool)
+    for i in range(5):
+        painted[(i // 3) * 5:(i // 3) * 5 + 3, (i % 3) * 6:(i % 3) * 6 + 4] = True
+    assert (sheet[~painted] == 255).all() and sheet[~painted].size == (8 * 16 - 5 * 12) * 3
+    # gap 0 (train.py's previews): tiles edge to edge; cols None: as near a square as the count allows
+    assert shapes.contact_sheet(tiles, cols=5, gap=0).shape == (3, 20, 3)
+    assert shapes.contact_sheet(tiles).shape == (2 * 3 + 2, 3 * 4 + 4, 3)
+    assert shapes.contact_sheet(tiles[:4]).shape == (2 * 3 + 2, 2 * 4 + 2, 3)
+
+
+def test_to_uint8_rounds_and_clamps():
+    img = torch.tensor([0.0, 0.5, 1.0, 1.2, -0.1, 0.002, 0.998]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    assert shapes.to_uint8(img)[0, 0, :, 0].tolist() == [0, 128, 255, 255, 0, 1, 254]
+
+
 def test_show_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     shapes.main(["show", "--n", "5", "--out", str(out), "--scale", "1"])
     from PIL import Image
-    assert Image.open(out).size == (3 * 66 + 2, 2 * 66 + 2)
+    assert Image.open(out).size == (3 * 66 - 2, 2 * 66 - 2)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and all(parse_caption(line.split(None, 1)[1]) for line in lines)
 
