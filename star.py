@@ -51,7 +51,7 @@ class STARConfig:
     # 'batch_of_one': each prompt's cross-attention is computed on its conditional row and added to
     # both of its guidance rows (what the reference computes with one prompt; released weights).
     # 'per_row': plain per-row cross-attention, the unconditional rows attend to the empty prompt.
-    cross_attn_mode: str = 'per_row'
+    cross_attn_mode: str = "per_row"
     # causal-driven stable sampling (sampler head)
     head: bool = False
     head_depth: int = 3
@@ -66,7 +66,7 @@ class STARConfig:
         if self.width % self.num_heads or (self.width // self.num_heads) % 4:
             raise ValueError(f"STARConfig: width {self.width} / num_heads {self.num_heads} must give a head "
                              "dim divisible by 4 (2D RoPE rotates half the pairs by columns, half by rows)")
-        if self.cross_attn_mode not in ('batch_of_one', 'per_row'):
+        if self.cross_attn_mode not in ("batch_of_one", "per_row"):
             raise ValueError(f"STARConfig.cross_attn_mode is {self.cross_attn_mode!r}; "
                              "expected 'batch_of_one' or 'per_row'")
         if self.head and not 0 < self.sample_from_idx < len(self.patch_nums):
@@ -87,15 +87,15 @@ class STARConfig:
 
 def _released(depth, patch_nums, head=False):
     return STARConfig(depth=depth, width=64 * depth, num_heads=depth, patch_nums=patch_nums,
-                      drop_path_rate=0.1 * depth / 24, cross_attn_mode='batch_of_one', head=head)
+                      drop_path_rate=0.1 * depth / 24, cross_attn_mode="batch_of_one", head=head)
 
 
 PRESETS = {
-    'star-256-d16': _released(16, PATCH_NUMS_256),
-    'star-256-d30': _released(30, PATCH_NUMS_256),
-    'star-512-d30': _released(30, PATCH_NUMS_512),
-    'star-1024-d30': _released(30, PATCH_NUMS_1024),
-    'star-1024-sampler': _released(30, PATCH_NUMS_1024, head=True),
+    "star-256-d16": _released(16, PATCH_NUMS_256),
+    "star-256-d30": _released(30, PATCH_NUMS_256),
+    "star-512-d30": _released(30, PATCH_NUMS_512),
+    "star-1024-d30": _released(30, PATCH_NUMS_1024),
+    "star-1024-sampler": _released(30, PATCH_NUMS_1024, head=True),
 }
 
 # -----------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def rope_2d(pn, head_dim, theta, rope_norm):
     """
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))  # (hd/4,)
     t = torch.arange(pn * pn, dtype=torch.float32)
-    col, row = t % pn, torch.div(t, pn, rounding_mode='floor')             # row-major token order
+    col, row = t % pn, torch.div(t, pn, rounding_mode="floor")             # row-major token order
     if pn > 1:
         col, row = col / col.max() * rope_norm, row / row.max() * rope_norm   # -> [0, rope_norm]
     angles = torch.cat([torch.outer(col, freqs), torch.outer(row, freqs)], dim=-1)  # (pn*pn, hd/2)
@@ -194,7 +194,7 @@ class QKNormAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.q_bias = nn.Parameter(torch.zeros(width))
         self.v_bias = nn.Parameter(torch.zeros(width))
-        self.register_buffer('zero_k_bias', torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
 
     def head_scale(self):
         return self.scale_mul_1H11.clamp(max=math.log(100.0)).exp()  # (1, H, 1, 1)
@@ -256,7 +256,7 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate='tanh'))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -406,7 +406,7 @@ def keep_masks(keep_BHW, patch_nums):
     paint over it, which they do (see the README's editing numbers).
     """
     keep = keep_BHW.float()[:, None]                                       # (B, 1, H, W)
-    return [F.interpolate(keep, size=(pn, pn), mode='area').flatten(1) > 0 for pn in patch_nums]
+    return [F.interpolate(keep, size=(pn, pn), mode="area").flatten(1) > 0 for pn in patch_nums]
 
 # -----------------------------------------------------------------------------
 # the model
@@ -456,7 +456,7 @@ class STAR(nn.Module):
             start = self.begin_ends[-1][1] if self.begin_ends else 0
             self.begin_ends.append((start, start + pn * pn))
         lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(config.patch_nums)])
-        self.register_buffer('lvl_L', lvl_L.to(device), persistent=False)     # (L,) scale of each token
+        self.register_buffer("lvl_L", lvl_L.to(device), persistent=False)     # (L,) scale of each token
         rope = torch.cat([rope_2d(pn, config.width // config.num_heads, config.rope_theta, config.rope_norm)
                           for pn in config.patch_nums])
         self.rope_Lc2 = torch.view_as_real(rope).clone().to(device)            # (L, c/2, 2) cos, sin
@@ -502,8 +502,8 @@ class STAR(nn.Module):
 
     def head_parameters(self):
         """The sampler head's parameters (what head training updates; the trunk stays frozen)."""
-        names = ('pos_start_last', 'word_embed_head.', 'feat_extract_blocks.', 'head_logits2.',
-                 'encoder_proj2.', 'head_proj.', 'lvl_embed_2.')
+        names = ("pos_start_last", "word_embed_head.", "feat_extract_blocks.", "head_logits2.",
+                 "encoder_proj2.", "head_proj.", "lvl_embed_2.")
         return [p for n, p in self.named_parameters() if n.startswith(names)]
 
     # ------------------------------------------------------------------ trunk
@@ -526,7 +526,7 @@ class STAR(nn.Module):
         for every scale after the first, the running reconstruction of the coarser scales resized
         to that scale. Each row attends to its own text (the same in both cross-attention modes).
         """
-        self._check_text('STAR.forward', text_hidden, text_pooled)
+        self._check_text("STAR.forward", text_hidden, text_pooled)
         x_BLC = torch.cat([self.start_tokens(text_pooled), self.word_embed(x_BLCv)], dim=1)
         x_BLC = x_BLC + self.lvl_embed(self.lvl_L)
         # block-causal mask (L, L): a token sees every token of its own scale and of coarser scales
@@ -672,13 +672,13 @@ class STAR(nn.Module):
         if vae is None or tuple(vae.config.patch_nums) != config.patch_nums:
             raise ValueError("STAR.generate needs the VQ-VAE built with the model's patch_nums "
                              f"{config.patch_nums}: pass it as STAR(config, vae) / from_pretrained(path, vae)")
-        self._check_text('STAR.generate prompt', prompt_hidden, prompt_pooled)
-        self._check_text('STAR.generate empty prompt', empty_hidden, empty_pooled)
+        self._check_text("STAR.generate prompt", prompt_hidden, prompt_pooled)
+        self._check_text("STAR.generate empty prompt", empty_hidden, empty_pooled)
         stable = config.head if stable is None else stable
         if stable and not config.head:
             raise ValueError("STAR.generate: stable=True needs a model with a sampler head "
                              "(e.g. the star-1024-sampler checkpoint)")
-        if generator is not None and generator.device.type != 'cpu':
+        if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"STAR.generate: generator is on {generator.device}; pass a CPU "
                              "torch.Generator (draws run on the CPU so seeds agree across devices)")
         B = prompt_hidden.shape[0]
@@ -731,7 +731,7 @@ class STAR(nn.Module):
         H, c = config.num_heads, config.width // config.num_heads
         # Both guidance rows of every prompt run in one batch: rows [cond_0..cond_B-1, uncond_0..].
         pooled_ND = torch.cat([prompt_pooled, empty_pooled]).to(dev, dtype)
-        if config.cross_attn_mode == 'batch_of_one':   # cross-attention of the cond rows only
+        if config.cross_attn_mode == "batch_of_one":   # cross-attention of the cond rows only
             text_h, text_m = prompt_hidden, prompt_mask
         else:                                          # uncond rows attend to the empty prompt
             text_h, text_m = torch.cat([prompt_hidden, empty_hidden]), torch.cat([prompt_mask, empty_mask])
@@ -860,13 +860,13 @@ class STAR(nn.Module):
         try:                                           # a tiny graph first: fail here, not mid-generation
             torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2, device=self.pos_start.device))
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [''])[0][:200]
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
             raise RuntimeError(f"torch.compile is not available here ({type(e).__name__}: {reason})") from None
         # one graph per scale and batch size: raise dynamo's default limit of 8 graphs per function
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * len(self.config.patch_nums))
         # partials of the class's functions, not bound methods: a copy.deepcopy of the model runs its own
-        for name in ('trunk_step', 'trunk_candidates', 'head_candidates'):
+        for name in ("trunk_step", "trunk_candidates", "head_candidates"):
             setattr(self, name, partial(torch.compile(getattr(type(self), name), dynamic=False), self))
         return self
 
@@ -894,11 +894,11 @@ class STAR(nn.Module):
                 state_dict, name, patch_nums=None if vae is None else vae.config.patch_nums)
         state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
         if not config.class_emb:                        # the unused class table is not kept
-            state_dict.pop('class_emb.weight', None)
-        with torch.device('meta'):                      # no time spent initialising 1.7B weights
+            state_dict.pop("class_emb.weight", None)
+        with torch.device("meta"):                      # no time spent initialising 1.7B weights
             model = cls(config, vae)
         for k, v in model.state_dict().items():         # zero_k_bias: always zero, so a file
-            if k.endswith('zero_k_bias') and k.replace('zero_k_bias', 'q_bias') in state_dict:
+            if k.endswith("zero_k_bias") and k.replace("zero_k_bias", "q_bias") in state_dict:
                 state_dict.setdefault(k, torch.zeros(v.shape))  # without it loses nothing
                 if state_dict[k].count_nonzero():
                     raise ValueError(f"{name}: buffer {k!r} must be all zeros (the key projection has no "

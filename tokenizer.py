@@ -127,7 +127,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Encoder(nn.Module):
@@ -165,7 +165,7 @@ class Encoder(nn.Module):
                 h = block(h)
                 if len(level.attn):
                     h = level.attn[j](h)
-            if hasattr(level, 'downsample'):
+            if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -208,7 +208,7 @@ class Decoder(nn.Module):
                 h = block(h)
                 if len(level.attn):
                     h = level.attn[j](h)
-            if hasattr(level, 'upsample'):
+            if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -270,15 +270,15 @@ class MultiScaleQuantizer(nn.Module):
         self.phi_idx = tuple(phi_index(si, len(cfg.patch_nums), cfg.share_quant_resi)
                              for si in range(len(cfg.patch_nums)))
         # VAR's usage statistic (per-scale EMA of code hits per batch); stored in the released weights
-        self.register_buffer('ema_vocab_hit_SV', torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
         # hits per code since the last init / re-seed: decides which codes are dead. Not saved, to keep
         # VAR's key set; train.py stores it beside the state dict so that a resumed run re-seeds exactly
-        self.register_buffer('code_hits_V', torch.zeros(cfg.vocab_size), persistent=False)
+        self.register_buffer("code_hits_V", torch.zeros(cfg.vocab_size), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the usage buffer has one row per scale of the model that saved it (10 in the released 256px
         # weights); it is unused at inference, so keep our own when the row count differs
-        key = prefix + 'ema_vocab_hit_SV'
+        key = prefix + "ema_vocab_hit_SV"
         if key in state_dict and state_dict[key].shape != self.ema_vocab_hit_SV.shape \
                 and state_dict[key].shape[1:] == self.ema_vocab_hit_SV.shape[1:]:
             state_dict[key] = self.ema_vocab_hit_SV.detach().clone()
@@ -306,13 +306,13 @@ class MultiScaleQuantizer(nn.Module):
         if si == len(self.patch_nums) - 1:
             return h_BChw
         Hl = self.patch_nums[-1]
-        return F.interpolate(h_BChw, size=(Hl, Hl), mode='bicubic', align_corners=False)
+        return F.interpolate(h_BChw, size=(Hl, Hl), mode="bicubic", align_corners=False)
 
     def _down(self, si: int, f_BChw):
         if si == len(self.patch_nums) - 1:
             return f_BChw
         pn = self.patch_nums[si]
-        return F.interpolate(f_BChw, size=(pn, pn), mode='area')
+        return F.interpolate(f_BChw, size=(pn, pn), mode="area")
 
     # One scale of residual quantization is the same four steps wherever it runs (encoding, training,
     # codebook init and re-seeding): z = _down_rows(f_rest); idx, h = _lookup(z); f_rest -= h. The
@@ -400,7 +400,7 @@ class MultiScaleQuantizer(nn.Module):
         if si == len(self.patch_nums) - 1:
             return f_hat, f_hat
         pn_next = self.patch_nums[si + 1]  # always a new tensor, also when pn_next is the latent side
-        return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode='area')
+        return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, f_BChw):
@@ -620,22 +620,22 @@ class VQVAE(nn.Module):
         """Infer vocab_size, z_channels, ch, ch_mult, num_res_blocks and share_quant_resi from the shapes
         (patch_nums, quant_resi and beta are not stored in the weights; defaults unless given)."""
         sd = state_dict
-        levels = sorted({int(k.split('.')[2]) for k in sd if k.startswith('encoder.down.')})
-        ch = sd['encoder.conv_in.weight'].shape[0]
+        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+        ch = sd["encoder.conv_in.weight"].shape[0]
         inferred = dict(
-            vocab_size=sd['quantize.embedding.weight'].shape[0],
-            z_channels=sd['quant_conv.weight'].shape[0],
+            vocab_size=sd["quantize.embedding.weight"].shape[0],
+            z_channels=sd["quant_conv.weight"].shape[0],
             ch=ch,
-            ch_mult=tuple(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in levels),
-            num_res_blocks=len({k.split('.')[4] for k in sd if k.startswith('encoder.down.0.block.')}),
-            share_quant_resi=len({k.split('.')[3] for k in sd if k.startswith('quantize.quant_resi.qresi_ls.')}),
+            ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels),
+            num_res_blocks=len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")}),
+            share_quant_resi=len({k.split(".")[3] for k in sd if k.startswith("quantize.quant_resi.qresi_ls.")}),
         )
         if patch_nums is not None:
-            inferred['patch_nums'] = patch_nums
+            inferred["patch_nums"] = patch_nums
         return VQVAEConfig(**{**inferred, **overrides})
 
     @classmethod
-    def from_pretrained(cls, path, patch_nums=None, **overrides) -> 'VQVAE':
+    def from_pretrained(cls, path, patch_nums=None, **overrides) -> "VQVAE":
         """Load VAR-layout weights (e.g. vae_ch160v4096z32.pth, or torch.save(vae.state_dict())) strictly.
 
         path: file path, or an already loaded state dict. patch_nums: the token-map sides to use (default
@@ -644,10 +644,10 @@ class VQVAE(nn.Module):
         VQVAEConfig fields. The usage buffer quantize.ema_vocab_hit_SV may have another row count.
         Returns the model on the CPU in eval mode.
         """
-        name = 'VQ-VAE state dict' if isinstance(path, Mapping) else f'VQ-VAE weights {path}'
-        state = dict(path) if isinstance(path, Mapping) else weights.read_weights(path, 'VQ-VAE weights')
-        needed = ('encoder.conv_in.weight', 'encoder.down.0.block.0.conv1.weight', 'quant_conv.weight',
-                  'quantize.embedding.weight')
+        name = "VQ-VAE state dict" if isinstance(path, Mapping) else f"VQ-VAE weights {path}"
+        state = dict(path) if isinstance(path, Mapping) else weights.read_weights(path, "VQ-VAE weights")
+        needed = ("encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "quant_conv.weight",
+                  "quantize.embedding.weight")
         if not isinstance(state, Mapping) or any(not torch.is_tensor(state.get(k)) for k in needed):
             found = sorted(state)[:6] if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"{name}: not a VQ-VAE state dict (expected keys such as {list(needed)}, found "
@@ -662,7 +662,7 @@ class VQVAE(nn.Module):
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
         misshapen = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected
-                     if k in state and state[k].shape != expected[k].shape and k != 'quantize.ema_vocab_hit_SV']
+                     if k in state and state[k].shape != expected[k].shape and k != "quantize.ema_vocab_hit_SV"]
         if missing or unexpected or misshapen:
             raise ValueError(f"{name}: weights do not fit the VQ-VAE inferred from them ({model.config}); "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {misshapen[:5]}")

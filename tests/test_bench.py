@@ -15,7 +15,7 @@ from conftest import assert_user_error, run_in_process, run_script
 from star import STAR
 from tokenizer import VQVAE
 
-FAST = ['--preset', 'demo', '--device', 'cpu', '--warmup', '0', '--iters', '1', '--threads', '1']
+FAST = ["--preset", "demo", "--device", "cpu", "--warmup", "0", "--iters", "1", "--threads", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,7 +92,7 @@ def test_demo_generation_prints_every_figure(capsys):
 
 
 def test_json_output_and_utilisation(capsys):
-    bench.main(FAST + ['--no-stable', '--batch-size', '2', '--json', '--peak-tflops', '1.5'])
+    bench.main(FAST + ["--no-stable", "--batch-size", "2", "--json", "--peak-tflops", "1.5"])
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "demo" and out["device"] == "cpu" and out["dtype"] == "float32" and out["peak_tflops"] == 1.5
     (r,) = out["results"]
@@ -110,7 +110,7 @@ def test_json_output_and_utilisation(capsys):
 
 
 def test_train_mode(capsys):
-    bench.main(FAST + ['--train', '--batch-size', '2', '--json'])
+    bench.main(FAST + ["--train", "--batch-size", "2", "--json"])
     (r,) = json.loads(capsys.readouterr().out)["results"]
     assert r["mode"] == "train" and r["step_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(2 * bench.DEMO_STAR.seq_len / r["step_s"])
@@ -125,7 +125,7 @@ def test_checkpoint_and_errors(demo, tmp_path, capsys):
           "star_config": vars(model.config), "star": half(model.state_dict()),
           "sampling": dict(cfg=3.0, top_k=5, top_p=0.0)}
     torch.save(ck, tmp_path / "shapes.pt")
-    bench.main(['--ckpt', str(tmp_path / "shapes.pt")] + FAST[2:] + ['--stable', '--top-k', '7', '--json'])
+    bench.main(["--ckpt", str(tmp_path / "shapes.pt")] + FAST[2:] + ["--stable", "--top-k", "7", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "shapes.pt" and [r["stable"] for r in out["results"]] == [True]
     assert out["results"][0]["sampling"] == dict(cfg=3.0, top_k=7, top_p=0.0)
@@ -186,7 +186,7 @@ def test_bad_inputs_as_a_user_runs_them(tmp_path):
 
 def test_threads_follow_the_model_size_and_busy_runs_a_competitor(capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    bench.main(FAST[:-2] + ['--no-stable', '--json', '--busy'])
+    bench.main(FAST[:-2] + ["--no-stable", "--json", "--busy"])
     out = json.loads(capsys.readouterr().out)
     assert out["threads"] == 1 and out["busy"] is True          # the demo model is small: one thread
     with bench.competing_process(True):
@@ -214,7 +214,7 @@ def test_compile_flag_falls_back_to_eager_with_a_note(monkeypatch, capsys):
     def unavailable(self):
         raise RuntimeError("torch.compile is not available here (RuntimeError: no C++ compiler)")
     monkeypatch.setattr(STAR, "compile_decoding", unavailable)
-    bench.main(FAST + ['--no-stable', '--json', '--compile'])
+    bench.main(FAST + ["--no-stable", "--json", "--compile"])
     out = capsys.readouterr()
     assert out.err.splitlines()[0] == ("note: torch.compile is not available here (RuntimeError: no C++ compiler); "
                                        "measuring eager generation")
