@@ -65,7 +65,8 @@ def configs(preset):
 
 def check_stable(args, config, name):
     if args.stable and not config.head:
-        raise ValueError(f"--stable: {name} has no sampler head; use --preset star-1024-sampler or a head checkpoint")
+        raise ValueError(f"--stable: {name} has no sampler head; "
+                         "use --preset star-1024-sampler or a head checkpoint")
 
 
 def build(args, device, dtype):
@@ -93,7 +94,8 @@ def build(args, device, dtype):
         name, sampling = args.preset, dict(SHAPES_SAMPLING if args.preset == "demo" else RELEASED_SAMPLING)
     vae.to(device).eval()
     model.to(device, dtype).eval()
-    sampling.update({k: v for k, v in (("cfg", args.cfg), ("top_k", args.top_k), ("top_p", args.top_p)) if v is not None})
+    overrides = (("cfg", args.cfg), ("top_k", args.top_k), ("top_p", args.top_p))
+    sampling.update({k: v for k, v in overrides if v is not None})
     return model, name, sampling
 
 # -----------------------------------------------------------------------------
@@ -258,7 +260,8 @@ def random_text(config, rows, device, dtype, generator):
 # -----------------------------------------------------------------------------
 # per scale: time and op counts (where a small model's time goes at batch 1)
 
-LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+            "cudaGraphLaunch")
 
 
 @contextmanager
@@ -292,7 +295,8 @@ def is_op(e):
 
 
 def counted(e, device):
-    """Kernel launches on CUDA; on a CPU the outermost operator calls (an op that calls others counts once)."""
+    """Kernel launches on CUDA; on a CPU the outermost operator calls (an op that calls others counts
+    once)."""
     if device.type == "cuda":
         return e.name in LAUNCHES
     if not is_op(e):
@@ -341,14 +345,16 @@ def scale_breakdown(model, run, device):
             if i >= 0:
                 ops[i] += 1
     sides = model.config.patch_nums
-    return [dict(scale="decode" if label == "decode" else f"{sides[label]}x{sides[label]}", ms=(end - t0) * 1e3,
-                 ops=n) for (label, t0), end, n in zip(marks, ends, ops)]
+    return [dict(scale="decode" if label == "decode" else f"{sides[label]}x{sides[label]}",
+                 ms=(end - t0) * 1e3, ops=n)
+            for (label, t0), end, n in zip(marks, ends, ops)]
 
 
 def bench_generation(model, args, device, dtype, sampling, stable):
     B = args.batch_size
     g = torch.Generator().manual_seed(0)
-    prompt, empty = random_text(model.config, B, device, dtype, g), random_text(model.config, 1, device, dtype, g)
+    prompt = random_text(model.config, B, device, dtype, g)
+    empty = random_text(model.config, 1, device, dtype, g)
 
     def run():
         model.generate(*prompt, *empty, generator=g, stable=stable, **sampling)
@@ -358,7 +364,8 @@ def bench_generation(model, args, device, dtype, sampling, stable):
     latency = statistics.median(times)
     flops = generation_flops(model.config, model.vae.config, stable)
     scales = scale_breakdown(model, run, device)
-    return dict(mode="generate", stable=stable, batch_size=B, sampling=sampling, latency_s=latency, scales=scales,
+    return dict(mode="generate", stable=stable, batch_size=B, sampling=sampling, latency_s=latency,
+                scales=scales,
                 scale_ops="kernel launches" if device.type == "cuda" else "operator calls",
                 s_per_image=latency / B, images_per_s=B / latency, times_s=times,
                 peak_memory_gib=peak_memory_gib(device), flops_per_image=sum(flops.values()),
@@ -366,7 +373,8 @@ def bench_generation(model, args, device, dtype, sampling, stable):
 
 
 def bench_training(model, args, device, dtype):
-    """Steps of AdamW on the trunk's loss (random inputs); 16-bit dtypes run as autocast on float32 weights."""
+    """Steps of AdamW on the trunk's loss (random inputs); 16-bit dtypes run as autocast on float32
+    weights."""
     config, B = model.config, args.batch_size
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -389,8 +397,9 @@ def bench_training(model, args, device, dtype):
     times = timed(step, device, args.warmup, args.iters)
     step_s = statistics.median(times)
     flops = train_flops(config) * B
-    return dict(mode="train", batch_size=B, step_s=step_s, times_s=times, tokens_per_s=B * config.seq_len / step_s,
-                peak_memory_gib=peak_memory_gib(device), flops_per_step=flops, achieved_tflops=flops / step_s / 1e12)
+    return dict(mode="train", batch_size=B, step_s=step_s, times_s=times,
+                tokens_per_s=B * config.seq_len / step_s, peak_memory_gib=peak_memory_gib(device),
+                flops_per_step=flops, achieved_tflops=flops / step_s / 1e12)
 
 
 def bench_sample_command(prompt, iters, ckpt=None, threads=None):
@@ -445,16 +454,19 @@ def describe(r, peak):
         if "wall_s" not in r:
             return f"sample.py: {r.get('skipped') or r.get('failed')}"
         gen = f", {r['generation_s']:.2f} s generating" if r.get("generation_s") is not None else ""
-        return (f"python sample.py --prompt ... ({r['ckpt']}, {r['threads']} threads): {r['wall_s']:.2f} s wall{gen} "
+        return (f"python sample.py --prompt ... ({r['ckpt']}, {r['threads']} threads): "
+                f"{r['wall_s']:.2f} s wall{gen} "
                 f"(median of {len(r['times_s'])})")
     util = f", {100 * r['achieved_tflops'] / peak:.1f}% of {peak:g} TFLOP/s peak" if peak else ""
     if r["mode"] == "train":
-        return (f"train: {r['step_s'] * 1e3:.1f} ms/step at batch {r['batch_size']}, {r['tokens_per_s']:,.0f} tokens/s, "
+        return (f"train: {r['step_s'] * 1e3:.1f} ms/step at batch {r['batch_size']}, "
+                f"{r['tokens_per_s']:,.0f} tokens/s, "
                 f"peak memory {r['peak_memory_gib']:.2f} GiB, {r['flops_per_step'] / 1e12:.3g} TFLOP/step, "
                 f"{r['achieved_tflops']:.3g} TFLOP/s{util}")
     parts = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in r["flops_by_part"].items())
     per_scale = ", ".join(f"{s['scale']} {s['ms']:.1f} ms {s['ops']}" for s in r["scales"])
-    return (f"generate {'with' if r['stable'] else 'without'} the sampler head: {r['latency_s'] * 1e3:.1f} ms/batch of "
+    return (f"generate {'with' if r['stable'] else 'without'} the sampler head: "
+            f"{r['latency_s'] * 1e3:.1f} ms/batch of "
             f"{r['batch_size']}, {r['s_per_image'] * 1e3:.1f} ms/image, {r['images_per_s']:.2f} images/s, "
             f"peak memory {r['peak_memory_gib']:.2f} GiB, {r['flops_per_image'] / 1e9:.4g} GFLOP/image "
             f"({parts}), {r['achieved_tflops']:.3g} TFLOP/s{util}\n"
@@ -463,35 +475,46 @@ def describe(r, peak):
 
 def parse_args(argv=None):
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="demo", choices=["demo", *sorted(PRESETS)], metavar="NAME", help="'demo' (the bundled 64px model's size) or a STARConfig preset "
-                   "(star-256-d16, star-256-d30, star-512-d30, star-1024-d30, star-1024-sampler); random weights")
+    p.add_argument("--preset", default="demo", choices=["demo", *sorted(PRESETS)], metavar="NAME",
+                   help="'demo' (the bundled 64px model's size) or a STARConfig preset (star-256-d16, "
+                   "star-256-d30, star-512-d30, star-1024-d30, star-1024-sampler); random weights")
     p.add_argument("--ckpt", default=None, help="a train.py checkpoint to measure instead of a preset")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, cpu")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: cuda, mps, cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and activations (the VQ-VAE stays float32); auto: bfloat16 on cuda, else float32")
-    p.add_argument("--batch-size", type=cli.positive_int, default=1, help="prompts per generate call / samples per training step")
+                   help="weights and activations (the VQ-VAE stays float32); "
+                   "auto: bfloat16 on cuda, else float32")
+    p.add_argument("--batch-size", type=cli.positive_int, default=1,
+                   help="prompts per generate call / samples per training step")
     stable = p.add_mutually_exclusive_group()
     stable.add_argument("--stable", action="store_true", help="only generation with the sampler head")
     stable.add_argument("--no-stable", action="store_true", help="only generation without the sampler head "
                         "(default: both where the model has a head)")
-    p.add_argument("--cfg", type=cli.cfg_scale, default=None, help="guidance scale (default: the model's sampling settings)")
-    p.add_argument("--top-k", type=cli.top_k, default=None, help="top-k filter (default: the model's sampling settings)")
-    p.add_argument("--top-p", type=cli.top_p, default=None, help="top-p filter (default: the model's sampling settings)")
+    p.add_argument("--cfg", type=cli.cfg_scale, default=None,
+                   help="guidance scale (default: the model's sampling settings)")
+    p.add_argument("--top-k", type=cli.top_k, default=None,
+                   help="top-k filter (default: the model's sampling settings)")
+    p.add_argument("--top-p", type=cli.top_p, default=None,
+                   help="top-p filter (default: the model's sampling settings)")
     p.add_argument("--train", action="store_true", help="time training steps instead of generation")
-    p.add_argument("--warmup", type=cli.non_negative_int, default=2, help="untimed calls first (and torch.compile's compilation)")
+    p.add_argument("--warmup", type=cli.non_negative_int, default=2,
+                   help="untimed calls first (and torch.compile's compilation)")
     p.add_argument("--iters", type=cli.positive_int, default=5, help="timed calls; the median is reported")
     p.add_argument("--compile", action="store_true", help="torch.compile the per-scale decoding steps "
                    "(STAR.compile_decoding; with --train: every transformer block); compiles during --warmup")
     p.add_argument("--threads", type=cli.threads, default=None,
-                   help="CPU threads for torch, and OMP_NUM_THREADS of the sample.py command (default: 1 for a model "
-                   "under 20M parameters, else the cores not busy with other processes)")
+                   help="CPU threads for torch, and OMP_NUM_THREADS of the sample.py command "
+                   "(default: 1 for a model under 20M parameters, else the cores not busy with other "
+                   "processes)")
     p.add_argument("--busy", action="store_true",
-                   help="time with one competing CPU-bound process running (a busy machine), to compare with idle")
+                   help="time with one competing CPU-bound process running (a busy machine), "
+                   "to compare with idle")
     p.add_argument("--peak-tflops", type=cli.bounded_float(0, 1e6, lo_open=True), default=None,
-                   help="the device's peak TFLOP/s for the utilisation figure (default: known GPUs in 16-bit)")
+                   help="the device's peak TFLOP/s for the utilisation figure "
+                   "(default: known GPUs in 16-bit)")
     p.add_argument("--sample-prompt", default=None,
-                   help="also time the whole `python sample.py --prompt TEXT` command (with --ckpt, else the bundled "
-                   "checkpoints/shapes.pt)")
+                   help="also time the whole `python sample.py --prompt TEXT` command "
+                   "(with --ckpt, else the bundled checkpoints/shapes.pt)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
     if args.ckpt and args.preset != "demo":
@@ -527,23 +550,30 @@ def main(argv=None):
         if args.train:
             results.append(bench_training(model, args, device, dtype))
         else:
-            for stable in [True] if args.stable else [False] if args.no_stable or not model.config.head else [False, True]:
+            no_head = args.no_stable or not model.config.head
+            for stable in [True] if args.stable else [False] if no_head else [False, True]:
                 results.append(bench_generation(model, args, device, dtype, sampling, stable))
         if args.sample_prompt:
             results.append(bench_sample_command(args.sample_prompt, args.iters, args.ckpt, args.threads))
     for r in results:
         if peak and "achieved_tflops" in r:
             r["utilisation"] = r["achieved_tflops"] / peak
-    info = dict(model=name, config=asdict(model.config), device=str(device), dtype=str(dtype).replace("torch.", ""),
-                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    info = dict(model=name, config=asdict(model.config), device=str(device),
+                dtype=str(dtype).replace("torch.", ""), device_name=device_name,
                 threads=threads, busy=args.busy, torch=torch.__version__, compile=args.compile,
                 date=time.strftime("%Y-%m-%d"), peak_tflops=peak,
                 params=sum(p.numel() for p in model.parameters()))
     if args.json:
         print(json.dumps(dict(info, results=results)))
         return
+    busy = ", one competing process" if args.busy else ""
+    compiled = ", compiled" if args.compile else ""
     print(f"{name}: {info['params'] / 1e6:.1f}M parameters, {info['device']} ({info['device_name']}, "
-          f"{info['threads']} threads{', one competing process' if args.busy else ''}), {info['dtype']}{', compiled' if args.compile else ''}, torch {torch.__version__}")
+          f"{info['threads']} threads{busy}), {info['dtype']}{compiled}, torch {torch.__version__}")
     for r in results:
         print(describe(r, peak))
 

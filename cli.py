@@ -36,7 +36,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         flag = re.match(r"argument ([^:]+): (.*)", message)
-        if flag:   # the types below start with the value: "--cfg inf: expected ..."; argparse's own: "--x: invalid ..."
+        # the types below start with the value: "--cfg inf: expected ..."; argparse's own: "--x: invalid ..."
+        if flag:
             own = flag[2].startswith(("invalid ", "expected ", "ignored ", "not allowed "))
             message = f"{flag[1]}{': ' if own else ' '}{flag[2]}"
         raise UserError(f"{message} (see --help)")

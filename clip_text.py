@@ -13,8 +13,8 @@ bundled demo model stores it in its checkpoint, so it needs no vocabulary file).
 Hugging Face `CLIPTextModel` folder (config.json + model.safetensors or pytorch_model.bin), e.g. SD-2.1's
 `text_encoder/`. train.py and sample.py build both halves and hand the outputs to star.py.
 
-    python -c "import clip_text; print(clip_text.Tokenizer.from_file('bpe_simple_vocab_16e6.txt.gz')('a cat'))"
-    python -m pytest -q tests/test_clip_text.py
+  python -c "import clip_text; print(clip_text.Tokenizer.from_file('bpe_simple_vocab_16e6.txt.gz')('a cat'))"
+  python -m pytest -q tests/test_clip_text.py
 """
 import gzip
 import html
@@ -58,7 +58,8 @@ def bytes_to_unicode() -> dict[int, str]:
     of this table is also the order of the first 256 ids: '!' is id 0, which is why SD-2.1's padding
     id 0 decodes to '!'.
     """
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in visible}
     hidden = [b for b in range(256) if b not in table]
     table.update({b: chr(256 + n) for n, b in enumerate(hidden)})
@@ -68,7 +69,8 @@ def bytes_to_unicode() -> dict[int, str]:
 def clean_text(text: str) -> str:
     """CLIP's normalisation: repair mojibake, unescape HTML, collapse whitespace, lowercase."""
     text = ftfy.fix_text(text)  # "cafÃ©" -> "café", curly quotes -> straight, control characters dropped
-    text = html.unescape(html.unescape(text))  # twice: scraped captions are often double-escaped ("&amp;amp;")
+    # twice: scraped captions are often double-escaped ("&amp;amp;")
+    text = html.unescape(html.unescape(text))
     text = re.sub(r"\s+", " ", text.strip()).strip()
     return text.lower()
 
@@ -113,7 +115,8 @@ class Tokenizer:
             raise ValueError("the vocabulary lists some token twice; every token needs exactly one id")
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        needed = [*self.byte_encoder.values(), *(c + END_OF_WORD for c in self.byte_encoder.values()), SOT, EOT]
+        word_final = (c + END_OF_WORD for c in self.byte_encoder.values())
+        needed = [*self.byte_encoder.values(), *word_final, SOT, EOT]
         absent = [t for t in needed if t not in self.encoder]
         if absent:
             raise ValueError(f"the vocabulary lacks {len(absent)} required tokens, e.g. {absent[:3]} "
@@ -158,8 +161,9 @@ class Tokenizer:
                 path = path / "tokenizer"  # a whole Stable Diffusion folder
             return cls._from_hf_folder(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist: pass OpenAI's bpe_simple_vocab_16e6.txt.gz "
-                                    "or a Hugging Face tokenizer folder with vocab.json and merges.txt")
+            raise FileNotFoundError(f"tokenizer file {path} does not exist: pass OpenAI's "
+                                    "bpe_simple_vocab_16e6.txt.gz or a Hugging Face tokenizer folder with "
+                                    "vocab.json and merges.txt")
         opener = gzip.open if path.suffix == ".gz" else open
         try:
             with opener(path, "rt", encoding="utf-8") as f:
@@ -174,14 +178,15 @@ class Tokenizer:
     def _from_hf_folder(cls, folder: Path) -> "Tokenizer":
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"tokenizer folder {folder} has no {name}: a Hugging Face CLIP tokenizer "
-                                        "folder holds vocab.json and merges.txt")
+                raise FileNotFoundError(f"tokenizer folder {folder} has no {name}: a Hugging Face CLIP "
+                                        "tokenizer folder holds vocab.json and merges.txt")
         token_to_id = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         if sorted(token_to_id.values()) != list(range(len(token_to_id))):
             raise ValueError(f"{folder / 'vocab.json'}: ids must be 0..{len(token_to_id) - 1} without gaps")
         vocab = sorted(token_to_id, key=token_to_id.get)
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = cls._parse_merges([ln for ln in lines if not ln.startswith("#version")], folder / "merges.txt")
+        merges = cls._parse_merges([ln for ln in lines if not ln.startswith("#version")],
+                                   folder / "merges.txt")
         return cls(vocab, merges)
 
     @staticmethod
@@ -192,13 +197,15 @@ class Tokenizer:
                 continue
             pair = line.split()
             if len(pair) != 2:
-                raise ValueError(f"{source}: merge {n + 1} is {line!r}, expected two symbols separated by a space")
+                raise ValueError(f"{source}: merge {n + 1} is {line!r}, "
+                                 "expected two symbols separated by a space")
             merges.append(tuple(pair))
         return merges
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> "Tokenizer":
-        """Learn BPE merges from `texts` until the vocabulary has `vocab_size` ids (or nothing is left to merge).
+        """Learn BPE merges from `texts` until the vocabulary has `vocab_size` ids (or nothing is left to
+        merge).
 
         Same pipeline as encoding: clean, split into pieces, spell each piece in byte symbols with the
         word-final marker on its last symbol. Then repeatedly merge the most frequent adjacent pair
@@ -207,8 +214,8 @@ class Tokenizer:
         """
         base = len(cls.vocab_from_merges([]))
         if vocab_size < base:
-            raise ValueError(f"vocab_size={vocab_size} is too small: the base vocabulary alone has {base} ids "
-                             "(256 bytes, 256 word-final bytes, SOT, EOT); ask for a few hundred more")
+            raise ValueError(f"vocab_size={vocab_size} is too small: the base vocabulary alone has {base} "
+                             "ids (256 bytes, 256 word-final bytes, SOT, EOT); ask for a few hundred more")
         byte_encoder = bytes_to_unicode()
         word_counts = Counter()
         for text in texts:
@@ -249,7 +256,8 @@ class Tokenizer:
     @classmethod
     def from_state_dict(cls, state: dict) -> "Tokenizer":
         if not isinstance(state, dict) or not {"vocab", "merges"} <= state.keys():
-            raise ValueError("tokenizer state must be a dict with 'vocab' and 'merges' (from Tokenizer.state_dict())")
+            raise ValueError("tokenizer state must be a dict with 'vocab' and 'merges' "
+                             "(from Tokenizer.state_dict())")
         return cls(state["vocab"], [tuple(m.split(" ")) for m in state["merges"]])
 
     # --- using it
@@ -307,8 +315,9 @@ class Tokenizer:
             ids = self.encode(text)
             if len(ids) > keep:
                 shown = text if len(text) <= 40 else text[:37] + "..."
-                warnings.warn(f"prompt {shown!r} has {len(ids)} tokens; the text encoder takes at most {keep} "
-                              f"(context length {context_length} with SOT and EOT), so it was truncated", stacklevel=2)
+                warnings.warn(f"prompt {shown!r} has {len(ids)} tokens; the text encoder takes at most "
+                              f"{keep} (context length {context_length} with SOT and EOT), so it was "
+                              "truncated", stacklevel=2)
                 ids = ids[:keep]
             row = [self.sot_id, *ids, self.eot_id]
             ids_BT[b, :len(row)] = torch.tensor(row)
@@ -352,8 +361,10 @@ class TextConfig:
         required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         absent = [k for k in required if k not in hf]
         if absent:
-            raise ValueError(f"{source} lacks {absent}: expected a CLIPTextConfig (config.json of a CLIPTextModel)")
-        return cls(vocab_size=hf.get("vocab_size", 49408), context_length=hf.get("max_position_embeddings", 77),
+            raise ValueError(f"{source} lacks {absent}: "
+                             "expected a CLIPTextConfig (config.json of a CLIPTextModel)")
+        return cls(vocab_size=hf.get("vocab_size", 49408),
+                   context_length=hf.get("max_position_embeddings", 77),
                    width=hf["hidden_size"], layers=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
                    intermediate=hf["intermediate_size"], act=hf.get("hidden_act", "quick_gelu"),
                    eps=hf.get("layer_norm_eps", 1e-5))
@@ -444,7 +455,8 @@ class TextEncoder(nn.Module):
                 nn.init.normal_(linear.weight, std=std)
                 nn.init.zeros_(linear.bias)
 
-    def forward(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None, return_penultimate: bool = False):
+    def forward(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None,
+                return_penultimate: bool = False):
         """Encode token ids (B, T), T <= context_length, with the optional attention mask (B, T) (1 = token).
 
         Returns (hidden (B, T, C) after the final LayerNorm, pooled (B, C)). pooled is the hidden state at
@@ -485,7 +497,8 @@ class TextEncoder(nn.Module):
         """Load a Hugging Face CLIPTextModel folder: config.json + model.safetensors (or pytorch_model.bin).
         A Stable Diffusion folder works too (its text_encoder/ is used). Returns the model in eval mode."""
         folder = Path(folder)
-        expected = "a Hugging Face CLIPTextModel folder with config.json and model.safetensors or pytorch_model.bin"
+        expected = ("a Hugging Face CLIPTextModel folder with config.json and model.safetensors or "
+                    "pytorch_model.bin")
         if not folder.is_dir():
             raise FileNotFoundError(f"text encoder folder {folder} does not exist: expected {expected}")
         if not (folder / "config.json").is_file() and (folder / "text_encoder" / "config.json").is_file():
@@ -497,7 +510,8 @@ class TextEncoder(nn.Module):
         names = ("model.safetensors", "pytorch_model.bin")
         file = next((folder / n for n in names if (folder / n).is_file()), None)
         if file is None:
-            raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin: expected {expected}")
+            raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin: "
+                                    f"expected {expected}")
         read = weights.read_safetensors if file.suffix == ".safetensors" else weights.read_weights
         state = read(file, "text encoder weights")
         if not isinstance(state, dict):

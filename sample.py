@@ -176,7 +176,8 @@ class Pipeline:
             raise ValueError("the mask " + (
                 "regenerates nothing (it is all black): paint white what to regenerate"
                 if not regenerate.any() else
-                "keeps nothing (it is all white): paint black what to keep, or generate without --image/--mask"))
+                "keeps nothing (it is all white): paint black what to keep, "
+                "or generate without --image/--mask"))
         # the image in the VQ-VAE's range [-1, 1], (1, 3, S, S), and its token maps at every scale
         x_13HW = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
         known = self.vae.img_to_idx(x_13HW)                              # K maps (1, pn*pn)
@@ -314,7 +315,8 @@ def load_pipeline(path, device="cpu", dtype=None, patch_nums=None, rope_norm=Non
             raise ValueError(f"--patch-nums {','.join(map(str, star_config.patch_nums))} ends at "
                              f"{star_config.patch_nums[-1]}, but the VQ-VAE of {path} decodes "
                              f"{vae_config.patch_nums[-1]}x{vae_config.patch_nums[-1]} latents "
-                             f"({vae_config.image_size}px images): end the list at {vae_config.patch_nums[-1]}")
+                             f"({vae_config.image_size}px images): "
+                             f"end the list at {vae_config.patch_nums[-1]}")
         # the VQ-VAE quantizes at STAR's scales: both must use the same token-map sides
         vae = VQVAE(replace(vae_config, patch_nums=star_config.patch_nums))
         if not any(k.startswith("encoder.") for k in ck["vae"]):
@@ -362,14 +364,15 @@ def load_released(star, vae, text_encoder, tokenizer, preset=None, patch_nums=No
     # the three parts must fit each other: STAR's codebook and text width are the VQ-VAE's and the encoder's
     vae_model = VQVAE.from_pretrained(vae, patch_nums=config.patch_nums)
     if (vae_model.config.vocab_size, vae_model.config.z_channels) != (config.vocab_size, config.vae_dim):
-        raise ValueError(f"VQ-VAE weights {vae} have a {vae_model.config.vocab_size}x{vae_model.config.z_channels} "
-                         f"codebook, but STAR weights {star} expect {config.vocab_size}x{config.vae_dim}: use the "
-                         "VQ-VAE the model was trained with (VAR's vae_ch160v4096z32.pth for the released models)")
+        raise ValueError(f"VQ-VAE weights {vae} have a "
+                         f"{vae_model.config.vocab_size}x{vae_model.config.z_channels} codebook, but STAR "
+                         f"weights {star} expect {config.vocab_size}x{config.vae_dim}: use the VQ-VAE the "
+                         "model was trained with (VAR's vae_ch160v4096z32.pth for the released models)")
     text = TextEncoder.from_pretrained(text_encoder)
     if text.config.width != config.text_dim:
-        raise ValueError(f"text encoder {text_encoder} is {text.config.width} wide, but STAR weights {star} expect "
-                         f"{config.text_dim}-wide text states: use the text encoder the model was trained with "
-                         "(SD-2.1's text_encoder for the released models)")
+        raise ValueError(f"text encoder {text_encoder} is {text.config.width} wide, but STAR weights "
+                         f"{star} expect {config.text_dim}-wide text states: use the text encoder the model "
+                         "was trained with (SD-2.1's text_encoder for the released models)")
     tok = Tokenizer.from_file(tokenizer)
     if tok.vocab_size > text.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens, more than the text encoder's "
@@ -386,7 +389,8 @@ def _patch_nums(text):
     try:
         sides = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sides such as 1,2,3,4,6,8")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sides "
+                                         "such as 1,2,3,4,6,8")
     if any(s < 1 for s in sides) or any(a >= b for a, b in zip(sides, sides[1:])):
         raise argparse.ArgumentTypeError(f"{text!r}: the sides must grow strictly from coarse to fine, "
                                          "e.g. 1,2,3,4,6,8")
@@ -400,8 +404,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeat the flag for several)")
-    g.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
-    g.add_argument("--num-images", type=cli.positive_int, default=1, metavar="N", help="images per prompt (default 1)")
+    g.add_argument("--prompts-file", metavar="FILE",
+                   help="a text file with one prompt per line (blank lines skipped)")
+    g.add_argument("--num-images", type=cli.positive_int, default=1, metavar="N",
+                   help="images per prompt (default 1)")
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=cli.seed, default=0, metavar="N",
                    help="seed of every random draw, in [0, 2**64 - 1] (default 0)")
@@ -411,37 +417,43 @@ def parse_args(argv=None):
     g.add_argument("--top-k", type=cli.top_k, metavar="K",
                    help="sample among the k likeliest tokens; 0 = all, 1 = greedy "
                    f"(default: bundled {SHAPES_SAMPLING['top_k']}, released {RELEASED_SAMPLING['top_k']})")
-    g.add_argument("--top-p", type=cli.top_p, metavar="P", help="nucleus sampling mass in [0, 1]; 0 or 1 = off "
-                   f"(default: bundled {SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
+    g.add_argument("--top-p", type=cli.top_p, metavar="P",
+                   help="nucleus sampling mass in [0, 1]; 0 or 1 = off (default: bundled "
+                   f"{SHAPES_SAMPLING['top_p']}, released {RELEASED_SAMPLING['top_p']})")
     g.add_argument("--stable", action=argparse.BooleanOptionalAction, default=None,
-                   help="commit the large scales with the sampler head (default: on when the model has a trained one)")
+                   help="commit the large scales with the sampler head "
+                   "(default: on when the model has a trained one)")
     g.add_argument("--batch-size", type=cli.positive_int, metavar="N",
-                   help="images generated at once (default: as many pixels as 16 images of 256px: 64 at 64px, "
-                   "4 at 512px, 1 at 1024px; lower it if memory runs out)")
+                   help="images generated at once (default: as many pixels as 16 images of 256px: "
+                   "64 at 64px, 4 at 512px, 1 at 1024px; lower it if memory runs out)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto: cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="STAR's precision; auto: bfloat16 on GPUs that support it, else float32")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile STAR's per-scale decoding steps: faster on GPUs after a first run that "
-                   "compiles (minutes on a CPU); same tokens up to float noise")
-    g.add_argument("--threads", type=cli.threads, metavar="N", help="CPU threads (default: 1 for a small model "
-                   "like the bundled one, else the cores not busy with other processes)")
+                   help="torch.compile STAR's per-scale decoding steps: faster on GPUs after a first run "
+                   "that compiles (minutes on a CPU); same tokens up to float noise")
+    g.add_argument("--threads", type=cli.threads, metavar="N",
+                   help="CPU threads (default: 1 for a small model like the bundled one, "
+                   "else the cores not busy with other processes)")
     g = p.add_argument_group("editing (inpainting, outpainting)")
-    g.add_argument("--image", metavar="FILE", help="edit this image instead of drawing a new one (centre-cropped "
-                   "and resized to the model's resolution); needs --mask")
-    g.add_argument("--mask", metavar="FILE", help="white (>= 128) = regenerate, black = keep; resized to the image "
+    g.add_argument("--image", metavar="FILE",
+                   help="edit this image instead of drawing a new one (centre-cropped and resized "
+                   "to the model's resolution); needs --mask")
+    g.add_argument("--mask", metavar="FILE",
+                   help="white (>= 128) = regenerate, black = keep; resized to the image "
                    "(outpainting: white around the part to keep)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE",
                    help="image file for a single image, or the --grid sheet (default sample.png)")
     g.add_argument("--out-dir", metavar="DIR",
-                   help="folder for 000.png, 001.png, ... in prompt order and prompts.txt, written batch by "
-                   "batch; running the same command again skips the images already there (default samples/ when "
-                   "there are several images)")
+                   help="folder for 000.png, 001.png, ... in prompt order and prompts.txt, written batch "
+                   "by batch; running the same command again skips the images already there "
+                   "(default samples/ when there are several images)")
     g.add_argument("--grid", action="store_true", help="also write a contact sheet (grid.png, or --out)")
     g.add_argument("--save-scales", action="store_true",
-                   help="also write the image after every scale, coarse to fine (NNN_scales.png / OUT_scales.png)")
+                   help="also write the image after every scale, coarse to fine "
+                   "(NNN_scales.png / OUT_scales.png)")
     g = p.add_argument_group("model: a checkpoint of ours")
     g.add_argument("--ckpt", metavar="FILE",
                    help="checkpoint written by train.py (default: the bundled checkpoints/shapes.pt)")
@@ -453,7 +465,8 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer", metavar="PATH",
                    help="SD-2.1 tokenizer folder or OpenAI's bpe_simple_vocab_16e6.txt.gz")
     g.add_argument("--patch-nums", type=_patch_nums, metavar="1,2,...",
-                   help="token-map sides, coarse to fine, e.g. 1,2,3,4,5,6,8 (overrides the preset / checkpoint)")
+                   help="token-map sides, coarse to fine, e.g. 1,2,3,4,5,6,8 "
+                   "(overrides the preset / checkpoint)")
     g.add_argument("--rope-norm", type=cli.bounded_float(0, 1e6, lo_open=True), metavar="X",
                    help="RoPE positions span [0, rope_norm] at every scale (released: 64)")
     g.add_argument("--rope-theta", type=cli.bounded_float(0, 1e12, lo_open=True), metavar="X",
@@ -499,10 +512,12 @@ def check_args(args):
     n = len(prompts) * args.num_images
     if args.out:
         if n > 1 and not args.grid:
-            raise UserError(f"--out {args.out} holds one image, but {len(prompts)} prompt(s) x {args.num_images} "
-                            f"= {n} images were asked for: use --out-dir DIR, or --grid for one sheet")
+            raise UserError(f"--out {args.out} holds one image, but {len(prompts)} prompt(s) x "
+                            f"{args.num_images} = {n} images were asked for: use --out-dir DIR, "
+                            "or --grid for one sheet")
         if Path(args.out).suffix.lower() not in Image.registered_extensions():
-            raise UserError(f"--out {args.out}: unknown image type {Path(args.out).suffix!r}; use a .png file name")
+            raise UserError(f"--out {args.out}: unknown image type {Path(args.out).suffix!r}; "
+                            "use a .png file name")
     return prompts
 
 
@@ -520,8 +535,8 @@ def read_edit_files(args):
                 img.load()
                 files.append(img.copy())
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"{flag} {path} cannot be read as an image ({type(e).__name__}): give a PNG or JPEG "
-                            "file") from None
+            raise UserError(f"{flag} {path} cannot be read as an image ({type(e).__name__}): "
+                            "give a PNG or JPEG file") from None
     return files
 
 
@@ -538,7 +553,8 @@ def output_plan(args, n):
         probe.unlink()
     except OSError as e:
         flag = "--out-dir" if out_dir else "--out"
-        raise UserError(f"{flag} {out_dir or out}: cannot write to {target} ({e.strerror or type(e).__name__}); "
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"{flag} {out_dir or out}: cannot write to {target} ({reason}); "
                         "choose a folder you can write to")
     return (Path(out) if out else None), (Path(out_dir) if out_dir else None)
 
@@ -554,8 +570,9 @@ def build_pipeline(args, device, dtype):
                              device=device, dtype=dtype, **overrides)
     ckpt = Path(args.ckpt) if args.ckpt else DEFAULT_CKPT
     if not args.ckpt and not ckpt.is_file():
-        raise UserError(f"no checkpoint at {ckpt}: train the bundled model with `{TRAIN_COMMAND}`, pass "
-                        "--ckpt PATH, or use released weights (--preset, --star, --vae, --text-encoder, --tokenizer)")
+        raise UserError(f"no checkpoint at {ckpt}: train the bundled model with `{TRAIN_COMMAND}`, "
+                        "pass --ckpt PATH, or use released weights "
+                        "(--preset, --star, --vae, --text-encoder, --tokenizer)")
     return load_pipeline(ckpt, device=device, dtype=dtype, **overrides)
 
 
@@ -573,9 +590,10 @@ def warn_outside_grammar(prompts):
         try:
             parse_caption(prompt)
         except ValueError:
-            print(f"warning: {prompt!r} is outside the captions this model was trained on, such as 'a large red "
-                  "circle on the left on a white background' or 'a red circle above a blue square' (size and "
-                  "position are part of a one-object caption); it may not be followed", file=sys.stderr)
+            print(f"warning: {prompt!r} is outside the captions this model was trained on, such as "
+                  "'a large red circle on the left on a white background' or 'a red circle above a "
+                  "blue square' (size and position are part of a one-object caption); it may not be "
+                  "followed", file=sys.stderr)
 
 
 @contextmanager
@@ -773,7 +791,8 @@ def run(argv=None):
 
 
 def main(argv=None):
-    """The command line; returns the exit status (0; 2 after a one-line 'error:' message; 130 after Ctrl-C)."""
+    """The command line; returns the exit status (0; 2 after a one-line 'error:' message; 130 after
+    Ctrl-C)."""
     return cli.run_command(run, argv, interrupted="interrupted; the images already written are kept, and the "
                            "same command skips them")
 

@@ -16,7 +16,7 @@ grids of all three files.
   python shapes.py show --n 16 --out grid.png               # random scenes; captions on stdout
   python shapes.py check --n 600                            # the judge on clean/degraded/mismatched renders
   python shapes.py eval --ckpt checkpoints/shapes.pt --n 300  # accuracy of a trained model
-  python shapes.py edit-eval --ckpt checkpoints/shapes.pt --n 60 --grid docs/edit.png   # inpainting, outpainting
+  python shapes.py edit-eval --ckpt checkpoints/shapes.pt --n 60 --grid docs/edit.png  # in- and outpainting
 """
 import argparse
 import copy
@@ -132,7 +132,8 @@ _Y, _X = np.mgrid[0:RESOLUTION, 0:RESOLUTION] + 0.5     # (64, 64) pixel-centre 
 def shape_mask(shape, cx, cy, side):
     """(64, 64) bool: the pixels of a shape whose bounding box has this centre and side."""
     h = side / 2
-    if side % 2:                                # odd sides centre on a pixel centre, so the shape is symmetric
+    # odd sides centre on a pixel centre, so the shape is symmetric
+    if side % 2:
         cx, cy = cx + 0.5, cy + 0.5
     dx, dy = _X - cx, _Y - cy
     box = (dx >= -h) & (dx < h) & (dy >= -h) & (dy < h)     # half-open: exactly `side` pixels a side
@@ -222,7 +223,8 @@ def parse_caption(text):
     m = _ONE.fullmatch(t) or _TWO.fullmatch(t)
     if m is None:
         raise ValueError(f"caption {text!r} is not in the shapes grammar; expected e.g. "
-                         "'a large red circle on the left on a white background' or 'a blue square above a red circle'")
+                         "'a large red circle on the left on a white background' "
+                         "or 'a blue square above a red circle'")
     return m.groupdict()
 
 
@@ -315,12 +317,14 @@ def _measure(ys, xs, image, labels, bg_rgb, others):
         else:
             shape = "square" if cross > 0.8 else "circle" if cross > 0.5 else "other"
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    return Blob(colour, shape, len(ys), int(max(y1 - y0, x1 - x0)), (x0 + x1) / 2, (y0 + y1) / 2, cross, skew_y)
+    return Blob(colour, shape, len(ys), int(max(y1 - y0, x1 - x0)), (x0 + x1) / 2, (y0 + y1) / 2,
+                cross, skew_y)
 
 
 def find_blobs(image):
     """(background name, objects as Blobs largest first) of a (64, 64, 3) uint8 image."""
-    if not (isinstance(image, np.ndarray) and image.shape == (RESOLUTION, RESOLUTION, 3) and image.dtype == np.uint8):
+    if not (isinstance(image, np.ndarray) and image.shape == (RESOLUTION, RESOLUTION, 3)
+            and image.dtype == np.uint8):
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"image: expected a uint8 numpy array of shape (64, 64, 3), got {got}")
     d = ((image[:, :, None, :].astype(np.float32) - _PALETTE) ** 2).sum(-1)    # (64, 64, 9)
@@ -372,7 +376,8 @@ def judge(caption_text, image):
         if o is not None:
             anchors = {p: (32 if x is None else x, 32 if y is None else y) for p, (x, y) in POSITIONS.items()}
             dist = {p: math.hypot(o.cx - ax, o.cy - ay) for p, (ax, ay) in anchors.items()}
-            out["position"] = min(dist, key=dist.get) == want["where"] and dist[want["where"]] <= POSITION_TOLERANCE
+            out["position"] = (min(dist, key=dist.get) == want["where"]
+                               and dist[want["where"]] <= POSITION_TOLERANCE)
         else:
             out["position"] = False
         out["count"] = len(blobs) == 1
@@ -396,7 +401,8 @@ def degrade(image, rng, blur=3, noise=4.0, shift=8.0, jpeg_quality=75, soften=No
     if blur and blur > 1:
         p = blur // 2
         padded = np.pad(x, ((p, p), (p, p), (0, 0)), mode="edge")
-        x = sum(padded[i:i + RESOLUTION, j:j + RESOLUTION] for i in range(blur) for j in range(blur)) / blur ** 2
+        x = sum(padded[i:i + RESOLUTION, j:j + RESOLUTION]
+                for i in range(blur) for j in range(blur)) / blur ** 2
     if noise:
         x = x + rng.normal(0.0, noise, x.shape)
     if shift:
@@ -415,7 +421,8 @@ def vary(scene, attribute, rng):
     randint, _ = _draws(rng)
     s = copy.deepcopy(scene)
     o = s.objects[0]
-    other = lambda options, *used: [x for x in options if x not in used][randint(0, len(options) - len(used) - 1)]
+    other = lambda options, *used: [x for x in options if x not in used][
+        randint(0, len(options) - len(used) - 1)]
     if attribute == "colour":
         o.colour = other(list(COLOURS), *(b.colour for b in s.objects))
     elif attribute == "shape":
@@ -449,7 +456,8 @@ def check_judge(n=600, seed=0):
                 "noise std 8": dict(blur=0, noise=8.0, shift=0, jpeg_quality=None),
                 "colour shift +-12": dict(blur=0, noise=0, shift=12.0, jpeg_quality=None),
                 "jpeg q50": dict(blur=0, noise=0, shift=0, jpeg_quality=50),
-                "soft (down to 24x24 and up, bicubic)": dict(blur=0, noise=0, shift=0, jpeg_quality=None, soften=24),
+                "soft (down to 24x24 and up, bicubic)": dict(blur=0, noise=0, shift=0, jpeg_quality=None,
+                                                             soften=24),
                 "all mild (blur 3, noise 4, shift 8, jpeg 75)": {}}
     acc = {}
     for name, kw in settings.items():
@@ -497,7 +505,8 @@ def save_grid(images, path, scale=4, cols=None):
 # Evaluating a model with the judge, and the command line: show, check, eval, edit-eval.
 
 def summarize(results):
-    """{group: {"n", "ok", attribute: accuracy}} of judge() results, for one-object, two-object and all prompts."""
+    """{group: {"n", "ok", attribute: accuracy}} of judge() results, for one-object, two-object and all
+    prompts."""
     groups = {"one-object": [], "two-object": [], "all": []}
     for r in results:
         groups["two-object" if "relation" in r else "one-object"].append(r)
@@ -640,7 +649,8 @@ def evaluate_edits(ckpt, n=60, seed=0, grid=None):
             if i < 4:
                 shown += [image, np.repeat((~keep * 255).astype(np.uint8)[..., None], 3, axis=2), out]
         print(f"{kind:<9} n={n}: judge ok {100 * np.mean(ok):.1f}%; kept region |edit - input| "
-              f"{np.mean(away):.2f} grey levels >= {EDIT_MARGIN} px from the border, {np.mean(near):.2f} nearer; "
+              f"{np.mean(away):.2f} grey levels >= {EDIT_MARGIN} px from the border, "
+              f"{np.mean(near):.2f} nearer; "
               f"VQ-VAE reconstruction alone {np.mean(recon):.2f}; {1000 * seconds / n:.0f} ms per edit")
     if grid:
         save_grid(shown, grid, scale=2, cols=6)
@@ -687,11 +697,14 @@ def main(argv=None):
     e.add_argument("--grid", default=None, help="also write the first 64 generated images to this PNG")
     e.add_argument("--threads", type=cli.threads, default=None,
                    help="CPU threads (default: 1 for a small model, else the free cores)")
-    d = sub.add_parser("edit-eval", help="inpainting and outpainting with a checkpoint, judged (see evaluate_edits)")
+    d = sub.add_parser("edit-eval",
+                       help="inpainting and outpainting with a checkpoint, judged (see evaluate_edits)")
     d.add_argument("--ckpt", required=True, help="checkpoint readable by sample.load_pipeline")
     d.add_argument("--n", type=cli.positive_int, default=60, help="edits of each kind")
-    d.add_argument("--seed", type=cli.int_range(0, 2**63 - 1), default=0, help="seed of the held-out scenes and of sampling")
-    d.add_argument("--grid", default=None, help="also write input, mask, result of 4 edits of each kind to this PNG")
+    d.add_argument("--seed", type=cli.int_range(0, 2**63 - 1), default=0,
+                   help="seed of the held-out scenes and of sampling")
+    d.add_argument("--grid", default=None,
+                   help="also write input, mask, result of 4 edits of each kind to this PNG")
     args = p.parse_args(argv)
 
     if args.command == "show":

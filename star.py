@@ -379,7 +379,8 @@ def commit(idx_Bl, commit_step_Bl, new_idx_Bl, conf_Bl, n, step):
     new_idx. commit_step holds the step at which each position was committed (-1: not yet).
     """
     order_Bl = torch.sort(conf_Bl, dim=1, descending=True, stable=True).indices
-    rank_Bl = torch.empty_like(order_Bl).scatter_(1, order_Bl, torch.arange(order_Bl.shape[1]).expand_as(order_Bl))
+    ranks_Bl = torch.arange(order_Bl.shape[1]).expand_as(order_Bl)
+    rank_Bl = torch.empty_like(order_Bl).scatter_(1, order_Bl, ranks_Bl)
     chosen = rank_Bl < torch.as_tensor(n).view(-1, 1)          # the n most confident of each row
     new = chosen & (commit_step_Bl < 0)
     idx_Bl[new] = new_idx_Bl[new]
@@ -671,7 +672,8 @@ class STAR(nn.Module):
         config, vae = self.config, self.vae
         if vae is None or tuple(vae.config.patch_nums) != config.patch_nums:
             raise ValueError("STAR.generate needs the VQ-VAE built with the model's patch_nums "
-                             f"{config.patch_nums}: pass it as STAR(config, vae) / from_pretrained(path, vae)")
+                             f"{config.patch_nums}: pass it as STAR(config, vae) / "
+                             "from_pretrained(path, vae)")
         self._check_text("STAR.generate prompt", prompt_hidden, prompt_pooled)
         self._check_text("STAR.generate empty prompt", empty_hidden, empty_pooled)
         stable = config.head if stable is None else stable
@@ -717,7 +719,8 @@ class STAR(nn.Module):
                     raise ValueError(f"STAR.generate: {name}[{si}] has shape {tuple(t.shape)}; expected "
                                      f"(1 or {B}, {pn * pn}) for the {pn}x{pn} map")
             if keep_Bl.dtype != torch.bool or not 0 <= int(idx_Bl.min()) <= int(idx_Bl.max()) < V:
-                raise ValueError(f"STAR.generate: keep[{si}] must be bool and known_idx[{si}] token ids in [0, {V})")
+                raise ValueError(f"STAR.generate: keep[{si}] must be bool and known_idx[{si}] token ids "
+                                 f"in [0, {V})")
             maps.append([t.cpu().expand(B, -1).repeat_interleave(images_per_prompt, dim=0)
                          for t in (idx_Bl.long(), keep_Bl)])
         return [m[0] for m in maps], [m[1] for m in maps]
@@ -785,7 +788,8 @@ class STAR(nn.Module):
         return x_NlC
 
     def trunk_candidates(self, x_NlC, t, top_k, top_p):
-        """Output layer, guidance t and filters on trunk states -> (probs, token ids) (B, l, k) to draw from."""
+        """Output layer, guidance t and filters on trunk states -> (probs, token ids) (B, l, k) to draw
+        from."""
         return filter_logits(guide(self.logits(x_NlC), t), top_k, top_p)
 
     def head_candidates(self, si, x_NlC, e_NlCv, pooled_ND, cfg, top_k, top_p):
@@ -838,8 +842,8 @@ class STAR(nn.Module):
                 committed_Bl1 = (commit_step_Bl >= 0)[..., None]
                 e_BlCv = codebook_VCv[idx_Bl.to(codebook_VCv.device)] * committed_Bl1.to(codebook_VCv.device)
                 e_NlCv = e_BlCv.to(x_NlC.device, x_NlC.dtype).repeat(2, 1, 1)  # same for both guidance rows
-                new_idx_Bl, conf_Bl = draw_tokens(*self.head_candidates(si, x_NlC, e_NlCv, pooled_ND, cfg, top_k,
-                                                                         top_p), generator)
+                candidates = self.head_candidates(si, x_NlC, e_NlCv, pooled_ND, cfg, top_k, top_p)
+                new_idx_Bl, conf_Bl = draw_tokens(*candidates, generator)
             if s < config.stable_random_steps:
                 conf_Bl = torch.rand(B, pn * pn, generator=generator)
             commit(idx_Bl, commit_step_Bl, new_idx_Bl, conf_Bl * (commit_step_Bl < 0), n, s)
@@ -861,7 +865,8 @@ class STAR(nn.Module):
             torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2, device=self.pos_start.device))
         except Exception as e:
             reason = (str(e).strip().splitlines() or [""])[0][:200]
-            raise RuntimeError(f"torch.compile is not available here ({type(e).__name__}: {reason})") from None
+            raise RuntimeError(f"torch.compile is not available here ({type(e).__name__}: "
+                               f"{reason})") from None
         # one graph per scale and batch size: raise dynamo's default limit of 8 graphs per function
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * len(self.config.patch_nums))

@@ -54,13 +54,15 @@ class VQVAEConfig:
                              f"(1, 2, 3, 4, 6, 8), got {self.patch_nums}")
         widths = [self.ch * m for m in self.ch_mult]
         if self.norm_groups < 1 or not self.ch_mult or any(w <= 0 or w % self.norm_groups for w in widths):
-            raise ValueError(f"ch={self.ch}, ch_mult={self.ch_mult}: every level width ch * mult must be a "
-                             f"positive multiple of norm_groups={self.norm_groups} (GroupNorm), got widths {widths}")
+            raise ValueError(f"ch={self.ch}, ch_mult={self.ch_mult}: every level width ch * mult must be "
+                             f"a positive multiple of norm_groups={self.norm_groups} (GroupNorm), "
+                             f"got widths {widths}")
         if self.share_quant_resi < 1:
             raise ValueError(f"share_quant_resi: expected >= 1 shared Phi convs (the released models use 4), "
                              f"got {self.share_quant_resi}")
         if not 0 < self.quant_resi <= 1:
-            raise ValueError(f"quant_resi: expected a Phi ratio in (0, 1] (released: 0.5), got {self.quant_resi}")
+            raise ValueError("quant_resi: expected a Phi ratio in (0, 1] (released: 0.5), "
+                             f"got {self.quant_resi}")
 
     @property
     def downsample(self) -> int:
@@ -238,7 +240,10 @@ def phi_index(si: int, num_scales: int, num_phi: int) -> int:
     way rather than hard-coding tables, so every patch_nums length gets the reference's choice.
     """
     K = num_phi
-    ticks = np.linspace(1 / (3 * K), 1 - 1 / (3 * K), K) if K == 4 else np.linspace(1 / (2 * K), 1 - 1 / (2 * K), K)
+    if K == 4:
+        ticks = np.linspace(1 / (3 * K), 1 - 1 / (3 * K), K)
+    else:
+        ticks = np.linspace(1 / (2 * K), 1 - 1 / (2 * K), K)
     at = si / (num_scales - 1) if num_scales > 1 else 0.0
     return int(np.argmin(np.abs(ticks - at)))
 
@@ -330,8 +335,8 @@ class MultiScaleQuantizer(nn.Module):
     def _check_latent(self, f_BChw):
         Hl = self.patch_nums[-1]
         if f_BChw.dim() != 4 or f_BChw.shape[1] != self.Cvae or f_BChw.shape[-2:] != (Hl, Hl):
-            raise ValueError(f"latent: expected (B, {self.Cvae}, {Hl}, {Hl}) because the last patch number is "
-                             f"{Hl}, got {tuple(f_BChw.shape)}; patch_nums must end at the latent side")
+            raise ValueError(f"latent: expected (B, {self.Cvae}, {Hl}, {Hl}) because the last patch number "
+                             f"is {Hl}, got {tuple(f_BChw.shape)}; patch_nums must end at the latent side")
 
     def _check_idx(self, idx_list):
         if len(idx_list) != len(self.patch_nums):
@@ -544,11 +549,13 @@ class VQVAE(nn.Module):
         H, W = img.shape[-2:]
         d, pn, side = self.config.downsample, self.config.patch_nums[-1], self.config.image_size
         if H != W:
-            raise ValueError(f"img: expected square {side}x{side} images, got {H}x{W}; center-crop to a square "
+            raise ValueError(f"img: expected square {side}x{side} images, got {H}x{W}; "
+                             "center-crop to a square "
                              f"and resize to {side}")
         if H != side:
             hint = f" or build the model with patch_nums ending in {H // d}" if H % d == 0 else ""
-            raise ValueError(f"img: expected {side}x{side} images (downsampling {d} x last patch number {pn}), "
+            raise ValueError(f"img: expected {side}x{side} images "
+                             f"(downsampling {d} x last patch number {pn}), "
                              f"got {H}x{W}; resize to {side}{hint}")
         lo, hi = torch.aminmax(img.detach())
         if lo < -1 - 1e-3 or hi > 1 + 1e-3:
@@ -583,7 +590,8 @@ class VQVAE(nn.Module):
         return self.quantize.idx_to_var_input(idx_list)
 
     def next_scale_input(self, si: int, f_hat, h_BChw):
-        """Generation step for scale si: returns (f_hat updated in place, next scale's input (B, Cvae, pn', pn'))."""
+        """Generation step for scale si: returns (f_hat updated in place, next scale's input
+        (B, Cvae, pn', pn'))."""
         return self.quantize.next_scale_input(si, f_hat, h_BChw)
 
     # -- training -------------------------------------------------------------------------------------
@@ -600,7 +608,8 @@ class VQVAE(nn.Module):
         if quantize:
             f_hat, vq_loss, usage = self.quantize(f_BChw)
         else:
-            f_hat, vq_loss, usage = f_BChw, f_BChw.new_zeros(()), f_BChw.new_zeros(len(self.config.patch_nums))
+            f_hat = f_BChw
+            vq_loss, usage = f_BChw.new_zeros(()), f_BChw.new_zeros(len(self.config.patch_nums))
         return self.decoder(self.post_quant_conv(f_hat)), vq_loss, usage
 
     @torch.no_grad()
@@ -628,7 +637,8 @@ class VQVAE(nn.Module):
             ch=ch,
             ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels),
             num_res_blocks=len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")}),
-            share_quant_resi=len({k.split(".")[3] for k in sd if k.startswith("quantize.quant_resi.qresi_ls.")}),
+            share_quant_resi=len({k.split(".")[3] for k in sd
+                                  if k.startswith("quantize.quant_resi.qresi_ls.")}),
         )
         if patch_nums is not None:
             inferred["patch_nums"] = patch_nums
@@ -655,17 +665,20 @@ class VQVAE(nn.Module):
         try:
             config = cls.config_from_state_dict(state, patch_nums, **overrides)
         except (KeyError, IndexError) as e:
-            raise ValueError(f"{name}: cannot infer the VQ-VAE's sizes from the weights (missing {e}); expected "
-                             f"VAR's key layout (see VQVAE(VQVAEConfig()).state_dict())") from e
+            raise ValueError(f"{name}: cannot infer the VQ-VAE's sizes from the weights (missing {e}); "
+                             "expected VAR's key layout (see VQVAE(VQVAEConfig()).state_dict())") from e
         model = cls(config)
         expected = model.state_dict()
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
-        misshapen = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected
-                     if k in state and state[k].shape != expected[k].shape and k != "quantize.ema_vocab_hit_SV"]
+        misshapen = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                     for k in expected
+                     if k in state and state[k].shape != expected[k].shape
+                     and k != "quantize.ema_vocab_hit_SV"]
         if missing or unexpected or misshapen:
             raise ValueError(f"{name}: weights do not fit the VQ-VAE inferred from them ({model.config}); "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {misshapen[:5]}")
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                             f"wrong shape {misshapen[:5]}")
         model.load_state_dict(state, strict=True)
         return model.eval()
 

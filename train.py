@@ -88,7 +88,8 @@ class ImageFolder:
                     rec = json.loads(line)
                     name, text = rec["file_name"], rec["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text'") from None
+                    raise UserError(f"{meta}:{n}: expected a JSON object with "
+                                    "'file_name' and 'text'") from None
                 if not isinstance(name, str) or not isinstance(text, str):
                     raise UserError(f"{meta}:{n}: 'file_name' and 'text' must be strings, got "
                                     f"{type(name).__name__} and {type(text).__name__}")
@@ -108,7 +109,8 @@ class ImageFolder:
                     try:
                         items.append((p, cap.read_text(encoding="utf-8").strip()))
                     except (OSError, UnicodeDecodeError) as e:
-                        warnings.warn(f"{cap}: caption not readable as UTF-8 text ({type(e).__name__}); skipped")
+                        warnings.warn(f"{cap}: caption not readable as UTF-8 text "
+                                      f"({type(e).__name__}); skipped")
         # decode every image once (JPEGs at reduced size, which is quick): verify() alone misses
         # truncated JPEGs, which would otherwise stop training at the first batch that draws them
         good = []
@@ -195,7 +197,8 @@ def weights_fingerprint(state_dict):
 
 def pool_source(data, vae, n, seed):
     """What a token pool is made from; a pool whose record differs is tokenized again."""
-    return {"vae": weights_fingerprint(vae.state_dict()), "vae_config": json.loads(json.dumps(config_dict(vae.config))),
+    return {"vae": weights_fingerprint(vae.state_dict()),
+            "vae_config": json.loads(json.dumps(config_dict(vae.config))),
             "data": data.identity, "pool": n, "seed": seed}
 
 
@@ -206,7 +209,8 @@ def stale_pool(pool, source):
     made = pool.get("made_from")
     if not isinstance(made, dict):
         return "it does not record what it was made from (written by an older train.py)"
-    what = {"vae": "another VQ-VAE", "vae_config": "another VQ-VAE", "data": f"other data ({made.get('data')})",
+    what = {"vae": "another VQ-VAE", "vae_config": "another VQ-VAE",
+            "data": f"other data ({made.get('data')})",
             "pool": f"--pool {made.get('pool')}", "seed": f"--seed {made.get('seed')}"}
     diff = [what[k] for k in source if made.get(k) != source[k]]
     return f"it was made from {', '.join(dict.fromkeys(diff))}" if diff else None
@@ -330,8 +334,9 @@ def build_stage(stage, args, ck, data):
             # a BPE vocabulary learned from the training captions: a small world's words become single tokens
             caps = data.captions(args.seed)
             tok = Tokenizer.train(caps, args.text_vocab)
-            text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, context_length=args.text_context, width=args.text_width,
-                                          layers=args.text_layers, heads=max(1, args.text_width // 64),
+            text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, context_length=args.text_context,
+                                          width=args.text_width, layers=args.text_layers,
+                                          heads=max(1, args.text_width // 64),
                                           causal=args.text_attention == "causal"))
         star = STAR(default_star_config(args, text.config.width, vae.config), vae)
     if stage == "head" or args.text_encoder:
@@ -341,11 +346,13 @@ def build_stage(stage, args, ck, data):
     star.requires_grad_(stage == "star")
     for p in star.head_parameters():
         p.requires_grad_(stage == "head")
-    return {"vae": vae, "tokenizer": tok, "text": text, "star": star}, TextToImage(star, text, stage == "head")
+    parts = {"vae": vae, "tokenizer": tok, "text": text, "star": star}
+    return parts, TextToImage(star, text, stage == "head")
 
 
 def pack(stage, parts, args, step, opt=None, seconds=0.0):
-    ck = {"format": "star-pipeline", "stage": stage, "step": step, "seconds": seconds, "args": vars(args).copy(),
+    ck = {"format": "star-pipeline", "stage": stage, "step": step, "seconds": seconds,
+          "args": vars(args).copy(),
           "vae_config": config_dict(parts["vae"].config), "vae": parts["vae"].state_dict()}
     if "star" in parts:
         ck.update(tokenizer=parts["tokenizer"].state_dict(), text_config=config_dict(parts["text"].config),
@@ -744,9 +751,11 @@ def check_replicas(net, stage, world, log):
 
 
 PREVIEW = ["a large red circle on the left on a white background", "a small blue square at the top",
-           "a large green triangle in the center on a black background", "a small yellow circle at the bottom",
+           "a large green triangle in the center on a black background",
+           "a small yellow circle at the bottom",
            "a red square to the left of a blue circle", "a purple triangle above a orange square",
-           "a green circle below a yellow triangle on a gray background", "a blue square to the right of a red triangle"]
+           "a green circle below a yellow triangle on a gray background",
+           "a blue square to the right of a red triangle"]
 
 
 def check_export_destination(src, dst):
@@ -755,8 +764,8 @@ def check_export_destination(src, dst):
     if dst.is_dir():
         raise UserError(f"--export {dst}: is a folder; give a file name such as {dst / 'model.pt'}")
     if dst.exists() and os.path.samefile(src, dst):
-        raise UserError(f"--export {src} {dst}: the destination is the source; writing the bundle there would "
-                        "destroy the resumable checkpoint; give another file name")
+        raise UserError(f"--export {src} {dst}: the destination is the source; writing the bundle there "
+                        "would destroy the resumable checkpoint; give another file name")
     run_files = [dst.parent / n for n in ("log.txt", "tokens.pt", *(f"{s}.pt" for s in STAGES))]
     if dst.name in {f"{s}.pt" for s in STAGES} and any(f.exists() for f in run_files):
         raise UserError(f"--export {dst}: that name is one of the checkpoints of the run in {dst.parent}; "
@@ -767,8 +776,8 @@ def check_export_destination(src, dst):
         except ValueError:
             old = None       # not something train.py could continue from
         if isinstance(old, dict) and "optimizer" in old:
-            raise UserError(f"--export {dst}: holds a resumable training checkpoint (step {old.get('step')}); "
-                            "give another file name")
+            raise UserError(f"--export {dst}: holds a resumable training checkpoint "
+                            f"(step {old.get('step')}); give another file name")
 
 
 def export(src, dst):
@@ -784,7 +793,8 @@ def export(src, dst):
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         save_atomic(ck, dst)
     except OSError as e:
-        raise UserError(f"--export {dst}: cannot write there ({e.strerror or e}); choose a writable file") from None
+        raise UserError(f"--export {dst}: cannot write there ({e.strerror or e}); "
+                        "choose a writable file") from None
     return Path(dst).stat().st_size
 
 
@@ -801,7 +811,8 @@ def int_list(text):
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3,4,6,8, got {text!r}")
+        raise argparse.ArgumentTypeError("expected comma-separated integers such as 1,2,3,4,6,8, "
+                                         f"got {text!r}")
 
 
 # --resume continues a run with the settings it was started with (read from its furthest checkpoint).
@@ -822,12 +833,14 @@ def build_parser():
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/shapes", help="folder for checkpoints, log.txt and sample grids")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
-    p.add_argument("--data", default="shapes", help="'shapes' (synthetic world) or a folder of captioned images")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (synthetic world) or a folder of captioned images")
     may_change = ", ".join("--" + d.replace("_", "-") for d in RESUME_MAY_CHANGE)
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out with the settings it was started with (its checkpoints "
-                        f"record them); only {may_change} may be given with other values, any other flag that "
-                        "differs is an error. With no checkpoint in --out yet, a new run starts (and says so)")
+                   help="continue the run in --out with the settings it was started with (its "
+                        f"checkpoints record them); only {may_change} may be given with other values, "
+                        "any other flag that differs is an error. With no checkpoint in --out yet, "
+                        "a new run starts (and says so)")
     p.add_argument("--export", nargs=2, metavar=("SRC", "DST"),
                    help="write a half-precision bundle of checkpoint SRC to the new file DST and exit")
     p.add_argument("--seed", type=cli.int_range(0, 2**32 - 1, what="a seed in [0, 2**32 - 1]"), default=0,
@@ -837,7 +850,8 @@ def build_parser():
                    help="token-map sides, coarse to fine; the last equals resolution / 8")
     # the token pool stores ids as int16
     p.add_argument("--vocab-size", type=cli.int_range(2, 32768), default=512, help="VQ codebook size")
-    p.add_argument("--vae-ch", type=cli.int_range(8, 4096), default=32, help="VQ-VAE base width (multiple of 8)")
+    p.add_argument("--vae-ch", type=cli.int_range(8, 4096), default=32,
+                   help="VQ-VAE base width (multiple of 8)")
     p.add_argument("--vae-res-blocks", type=cli.int_range(1, 64), default=1,
                    help="res-blocks per VQ-VAE encoder level")
     p.add_argument("--depth", type=cli.int_range(1, 1024), default=4, help="STAR blocks")
@@ -850,14 +864,17 @@ def build_parser():
                    help="text encoder width (multiple of 64)")
     p.add_argument("--text-layers", type=cli.int_range(1, 1024), default=2, help="text encoder blocks")
     p.add_argument("--text-attention", choices=("causal", "full"), default="causal",
-                   help="text encoder trained from scratch: causal like CLIP, or full (each word sees the whole caption)")
+                   help="text encoder trained from scratch: causal like CLIP, "
+                        "or full (each word sees the whole caption)")
     p.add_argument("--text-context", type=cli.int_range(8, 65536), default=32,
                    help="text tokens incl. start/end (CLIP: 77); at least 8, room for 6 caption tokens")
-    p.add_argument("--pool", type=positive_int, default=24000, help="training samples tokenized once for STAR/head")
+    p.add_argument("--pool", type=positive_int, default=24000,
+                   help="training samples tokenized once for STAR/head")
     p.add_argument("--text-encoder", default=None, help="released CLIP text encoder folder (frozen)")
     p.add_argument("--tokenizer", default=None, help="BPE file or tokenizer folder for --text-encoder")
     p.add_argument("--vae", default=None,
-                   help="released VQ-VAE weights (VAR's vae_ch160v4096z32.pth) to use frozen instead of the vae stage")
+                   help="released VQ-VAE weights (VAR's vae_ch160v4096z32.pth) to use frozen "
+                        "instead of the vae stage")
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
     p.add_argument("--vae-steps", type=positive_int, default=4000, help="training steps of the vae stage")
     p.add_argument("--star-steps", type=positive_int, default=8000, help="training steps of the star stage")
@@ -876,13 +893,16 @@ def build_parser():
                    help="fraction of captions dropped to '' (teaches the unconditional model of guidance)")
     p.add_argument("--vae-ae-frac", type=cli.bounded_float(0, 0.99), default=0.3,
                    help="first fraction of VQ-VAE steps without the quantizer")
-    p.add_argument("--reseed-every", type=positive_int, default=25, help="re-seed dead codes every N VQ-VAE steps")
-    p.add_argument("--ckpt-every", type=positive_int, default=250, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--reseed-every", type=positive_int, default=25,
+                   help="re-seed dead codes every N VQ-VAE steps")
+    p.add_argument("--ckpt-every", type=positive_int, default=250,
+                   help="checkpoint every N steps (and at the end)")
     p.add_argument("--sample-every", type=cli.non_negative_int, default=1000,
-                   help="write a preview grid every N steps (0: never); --data DIR previews its first 8 captions")
+                   help="write a preview grid every N steps (0: never); "
+                        "--data DIR previews its first 8 captions")
     p.add_argument("--eval-every", type=cli.non_negative_int, default=0,
-                   help="judge --eval-n held-out shapes captions every N steps and log the accuracy (0: never; "
-                        "needs --data shapes)")
+                   help="judge --eval-n held-out shapes captions every N steps and log the accuracy "
+                        "(0: never; needs --data shapes)")
     p.add_argument("--eval-n", type=positive_int, default=100, help="captions per evaluation")
     p.add_argument("--log-every", type=positive_int, default=50, help="write a log.txt line every N steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
@@ -939,19 +959,21 @@ def run_settings(p, args, given):
         found = [out / f"{s}.pt" for s in reversed(STAGES) if (out / f"{s}.pt").exists()]
         if not found:
             return args                              # nothing to resume: main() says so
-        clash = adopt_settings(p, args, given, found[0], [d for d in vars(args) if d not in NOT_SETTINGS and not
-                                                           (d in given and d in RESUME_MAY_CHANGE)])
+        compared = [d for d in vars(args)
+                    if d not in NOT_SETTINGS and not (d in given and d in RESUME_MAY_CHANGE)]
+        clash = adopt_settings(p, args, given, found[0], compared)
         if clash:
-            raise UserError(f"--resume: {'; '.join(clash)}: a resumed run keeps the data and architecture it was "
-                            f"started with ({found[0]}); drop the flag, or start a new run in another --out")
+            raise UserError(f"--resume: {'; '.join(clash)}: a resumed run keeps the data and architecture "
+                            f"it was started with ({found[0]}); drop the flag, or start a new run in "
+                            "another --out")
     elif args.stage in ("star", "head") and not args.vae:
         before = out / ("vae.pt" if args.stage == "star" else "star.pt")
         if before.is_file():
             clash = adopt_settings(p, args, given, before,
                                    VAE_SETTINGS if args.stage == "star" else STAR_SETTINGS)
             if clash:
-                raise UserError(f"--stage {args.stage}: {'; '.join(clash)}: this stage continues from {before} "
-                                "and keeps the sizes it was trained with; drop the flag")
+                raise UserError(f"--stage {args.stage}: {'; '.join(clash)}: this stage continues from "
+                                f"{before} and keeps the sizes it was trained with; drop the flag")
     return args
 
 
@@ -967,7 +989,8 @@ def check_settings(p, args):
     if args.width % 64:
         p.error(f"--width {args.width}: expected a multiple of 64 (the attention heads are 64 wide)")
     if args.text_width % 64:
-        p.error(f"--text-width {args.text_width}: expected a multiple of 64 (the attention heads are 64 wide)")
+        p.error(f"--text-width {args.text_width}: expected a multiple of 64 "
+                "(the attention heads are 64 wide)")
     if args.vae_ch % 8:
         p.error(f"--vae-ch {args.vae_ch}: expected a multiple of 8 (GroupNorm with 8 groups)")
     if not args.head_from < len(args.patch_nums):
@@ -1025,7 +1048,8 @@ def main(argv=None):
     prev, stages = None, STAGES if args.stage == "all" else (args.stage,)
     if args.vae:    # a released VQ-VAE (e.g. VAR's vae_ch160v4096z32.pth) replaces the vae stage, frozen
         if "vae" in stages and args.stage == "vae":
-            raise UserError("--vae gives a trained VQ-VAE, so there is no 'vae' stage to run; use --stage star")
+            raise UserError("--vae gives a trained VQ-VAE, so there is no 'vae' stage to run; "
+                            "use --stage star")
         vae = VQVAE.from_pretrained(args.vae, patch_nums=tuple(args.patch_nums))
         prev, stages = {"vae_config": config_dict(vae.config), "vae": vae.state_dict()}, \
             tuple(s for s in stages if s != "vae")
@@ -1048,4 +1072,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # user mistakes, and the ValueError/OSError that the model files raise for bad inputs, become one line
-    sys.exit(cli.run_command(main, interrupted="interrupted; continue from the last checkpoint with --resume"))
+    sys.exit(cli.run_command(main,
+                             interrupted="interrupted; continue from the last checkpoint with --resume"))
