@@ -54,20 +54,23 @@ def _deterministic():
 # ---------------------------------------------------------------- commands as a user runs them
 
 def terminal_lines(text):
-    """The non-blank lines a terminal shows of `text`: a progress bar redrawn with \\r shows its last state."""
+    """The non-blank lines a terminal shows of `text`: a progress bar redrawn with \\r shows its last
+    state."""
     return [line.split("\r")[-1] for line in text.split("\n") if line.split("\r")[-1].strip()]
 
 
 def run_script(script, *argv, cwd=None, timeout=120):
     """`python SCRIPT ARGV...` in a new interpreter, one CPU thread: (exit code, stdout, stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # bytes: text mode would turn a bar's \r into \n
     r = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd or ROOT, env=env,
-                       capture_output=True, timeout=timeout)   # bytes: text mode would turn a bar's \r into \n
+                       capture_output=True, timeout=timeout)
     return r.returncode, r.stdout.decode(), r.stderr.decode()
 
 
 def run_in_process(main, argv, capsys):
-    """A command's main(argv) behind the shared boundary (cli.run_command), in this process: (code, out, err)."""
+    """A command's main(argv) behind the shared boundary (cli.run_command), in this process:
+    (code, out, err)."""
     capsys.readouterr()
     code = cli.run_command(main, [str(a) for a in argv])
     out, err = capsys.readouterr()

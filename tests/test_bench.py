@@ -47,7 +47,8 @@ def test_generation_flops_match_torch_count(demo, mode, stable):
     model, vae = demo
     model.config = config = replace(bench.DEMO_STAR, cross_attn_mode=mode)
     g = torch.Generator().manual_seed(0)
-    prompts, empty = bench.random_text(config, 2, "cpu", torch.float32, g), bench.random_text(config, 1, "cpu", torch.float32, g)
+    prompts = bench.random_text(config, 2, "cpu", torch.float32, g)
+    empty = bench.random_text(config, 1, "cpu", torch.float32, g)
     got = counted_flops(lambda: model.generate(*prompts, *empty, generator=g, stable=stable, top_k=10))
     parts = bench.generation_flops(config, bench.DEMO_VAE, stable)
     assert got == 2 * sum(parts.values())                                   # 2 images
@@ -80,7 +81,8 @@ def test_demo_generation_prints_every_figure(capsys):
     bench.main(FAST)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("demo:") and "cpu" in lines[0] and "float32" in lines[0]
-    assert [l.split(":")[0] for l in lines[1::2]] == ["generate without the sampler head", "generate with the sampler head"]
+    assert [l.split(":")[0] for l in lines[1::2]] == ["generate without the sampler head",
+                                                      "generate with the sampler head"]
     for line in lines[1::2]:
         for field in ("ms/image", "images/s", "peak memory", "GFLOP/image", "trunk_linear", "self_attention",
                       "cross_attention", "head", "vq_decode", "TFLOP/s"):
@@ -94,7 +96,8 @@ def test_demo_generation_prints_every_figure(capsys):
 def test_json_output_and_utilisation(capsys):
     bench.main(FAST + ["--no-stable", "--batch-size", "2", "--json", "--peak-tflops", "1.5"])
     out = json.loads(capsys.readouterr().out)
-    assert out["model"] == "demo" and out["device"] == "cpu" and out["dtype"] == "float32" and out["peak_tflops"] == 1.5
+    assert out["model"] == "demo" and out["device"] == "cpu" and out["dtype"] == "float32"
+    assert out["peak_tflops"] == 1.5
     (r,) = out["results"]
     assert r["mode"] == "generate" and r["stable"] is False and r["batch_size"] == 2
     assert r["latency_s"] > 0 and r["images_per_s"] == pytest.approx(2 / r["latency_s"])
@@ -104,7 +107,8 @@ def test_json_output_and_utilisation(capsys):
     assert r["sampling"] == bench.SHAPES_SAMPLING
     # per scale: every scale runs the same blocks, so the same number of ops (the last has no next input)
     assert [s["scale"] for s in r["scales"]] == ["1x1", "2x2", "3x3", "4x4", "6x6", "8x8", "decode"]
-    assert all(s["ms"] > 0 for s in r["scales"]) and sum(s["ms"] for s in r["scales"]) < 3 * r["latency_s"] * 1e3
+    assert all(s["ms"] > 0 for s in r["scales"])
+    assert sum(s["ms"] for s in r["scales"]) < 3 * r["latency_s"] * 1e3
     ops = [s["ops"] for s in r["scales"]]
     assert len(set(ops[:-2])) == 1 and 0 < ops[-2] < ops[0] and ops[0] > 100 * bench.DEMO_STAR.depth // 4
 
@@ -121,7 +125,8 @@ def test_checkpoint_and_errors(demo, tmp_path, capsys):
     """A train.py checkpoint (fp16 weights as exported) is measured with its own sampling settings."""
     model, vae = demo
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
-    ck = {"format": "star-pipeline", "stage": "head", "vae_config": vars(vae.config), "vae": half(vae.state_dict()),
+    ck = {"format": "star-pipeline", "stage": "head",
+          "vae_config": vars(vae.config), "vae": half(vae.state_dict()),
           "star_config": vars(model.config), "star": half(model.state_dict()),
           "sampling": dict(cfg=3.0, top_k=5, top_p=0.0)}
     torch.save(ck, tmp_path / "shapes.pt")
@@ -148,9 +153,10 @@ def test_bad_inputs_catalogue(demo, tmp_path, capsys):
         (["--ckpt", tmp_path / "notes.txt"], "notes.txt is not a plain weights file"),
         (["--ckpt", tmp_path / "trunc.pt"], "trunc.pt could not be read", "truncated"),
         (["--ckpt", hostile_pickle(tmp_path / "evil.pt", marker)], "evil.pt is not a plain weights file"),
-        (["--ckpt", hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False)], "not a plain weights file"),
-        (["--ckpt", build_tiny_checkpoint(tmp_path / "vae.pt", stage="vae")], "holds a 'vae' checkpoint",
-         "star or head stage"),
+        (["--ckpt", hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False)],
+         "not a plain weights file"),
+        (["--ckpt", build_tiny_checkpoint(tmp_path / "vae.pt", stage="vae")],
+         "holds a 'vae' checkpoint", "star or head stage"),
         (["--ckpt", tmp_path / "missing.pt"], "--ckpt", "missing.pt: no such file"),
         (["--ckpt", tmp_path], "no such file"),
         (["--ckpt", good, "--preset", "star-256-d16"], "either --preset or --ckpt"),
@@ -216,8 +222,8 @@ def test_compile_flag_falls_back_to_eager_with_a_note(monkeypatch, capsys):
     monkeypatch.setattr(STAR, "compile_decoding", unavailable)
     bench.main(FAST + ["--no-stable", "--json", "--compile"])
     out = capsys.readouterr()
-    assert out.err.splitlines()[0] == ("note: torch.compile is not available here (RuntimeError: no C++ compiler); "
-                                       "measuring eager generation")
+    assert out.err.splitlines()[0] == ("note: torch.compile is not available here "
+                                       "(RuntimeError: no C++ compiler); measuring eager generation")
     assert json.loads(out.out)["compile"] is False
 
 
@@ -231,7 +237,8 @@ def test_compiled_decoding_gives_the_bundled_models_tokens(request):
     if not DEFAULT_CKPT.is_file():
         pytest.skip(f"{DEFAULT_CKPT} not there")
     pipe = load_pipeline(DEFAULT_CKPT)
-    text, empty = pipe.encode(["a large red circle on the left", "a blue square above a green triangle"]), pipe.encode([""])
+    text = pipe.encode(["a large red circle on the left", "a blue square above a green triangle"])
+    empty = pipe.encode([""])
 
     def run(stable, seed):
         return pipe.star.generate(*text, *empty, generator=torch.Generator().manual_seed(seed), stable=stable,

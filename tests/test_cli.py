@@ -21,7 +21,8 @@ def parse(type_, text):
     (cli.non_negative_int, {"0": 0, "600": 600}, ["-1", "inf", "nan"]),
     (cli.seed, {"0": 0, str(2**64 - 1): 2**64 - 1}, [str(2**64), "-1", "1180591620717411303424", "0.5"]),
     (cli.threads, {"1": 1, "16": 16}, ["0", "-1", "99999"]),
-    (cli.cfg_scale, {"0": 0.0, "1.5": 1.5, "100": 100.0}, ["-0.1", "100.5", "inf", "-inf", "nan", "1e30", "x"]),
+    (cli.cfg_scale, {"0": 0.0, "1.5": 1.5, "100": 100.0},
+     ["-0.1", "100.5", "inf", "-inf", "nan", "1e30", "x"]),
     (cli.top_p, {"0": 0.0, "0.8": 0.8, "1": 1.0}, ["1.01", "nan", "-1e-9"]),
     (cli.bounded_float(0, 10, lo_open=True), {"10": 10.0, "1e-9": 1e-9}, ["0", "10.1", "inf"]),
 ])
@@ -37,8 +38,10 @@ def test_parser_errors_are_one_line():
     p = cli.Parser(prog="x")
     p.add_argument("--mode", choices=("a", "b"))
     p.add_argument("--n", type=cli.positive_int)
-    for argv, message in [(["--mode", "c"], "--mode: invalid choice: 'c'"), (["--n"], "--n: expected one argument"),
-                          (["--n", "0"], "--n 0: expected a positive integer"), (["--x"], "unrecognized arguments")]:
+    for argv, message in [(["--mode", "c"], "--mode: invalid choice: 'c'"),
+                          (["--n"], "--n: expected one argument"),
+                          (["--n", "0"], "--n 0: expected a positive integer"),
+                          (["--x"], "unrecognized arguments")]:
         with pytest.raises(cli.UserError) as info:
             p.parse_args(argv)
         assert str(info.value).startswith(message) and "\n" not in str(info.value)
@@ -47,7 +50,8 @@ def test_parser_errors_are_one_line():
 @pytest.mark.parametrize("exc, code, line", [
     (cli.UserError("--x 3: expected\n  more"), 2, "error: --x 3: expected more"),
     (ValueError("checkpoint a.pt is empty"), 2, "error: checkpoint a.pt is empty"),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "a/b.png"), 2, "error: a/b.png: No such file or directory"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "a/b.png"), 2,
+     "error: a/b.png: No such file or directory"),
     (KeyboardInterrupt(), 130, "stopped"),
 ])
 def test_run_command_turns_mistakes_and_ctrl_c_into_one_line(exc, code, line, capsys):

@@ -83,8 +83,8 @@ def test_hf_folder_gives_the_same_ids(clip_tok, corpus, tmp_path):
     folder = tmp_path / "tokenizer"  # a Stable Diffusion layout: the root holds tokenizer/
     folder.mkdir()
     (folder / "vocab.json").write_text(json.dumps(clip_tok.encoder), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in clip_tok.merges) + "\n",
-                                       encoding="utf-8")
+    merges = "\n".join(f"{a} {b}" for a, b in clip_tok.merges)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
     for path in (folder, tmp_path):
         hf = Tokenizer.from_file(path)
         assert hf.vocab == clip_tok.vocab and (hf.sot_id, hf.eot_id) == (49406, 49407)
@@ -116,10 +116,12 @@ def check_against_expected(model, inputs, expected):
     with torch.no_grad():
         for suffix, m in (("", mask), ("_nomask", None)):
             hidden, pooled, penultimate = model(ids, m, return_penultimate=True)
-            got = {"last_hidden_state": hidden, "pooler_output": pooled, "penultimate_hidden_state": penultimate,
+            got = {"last_hidden_state": hidden, "pooler_output": pooled,
+                   "penultimate_hidden_state": penultimate,
                    "penultimate_hidden_state_final_ln": model.final_layer_norm(penultimate)}
             for name, tensor in got.items():
-                torch.testing.assert_close(tensor, expected[name + suffix], atol=1e-4, rtol=1e-4, msg=name + suffix)
+                torch.testing.assert_close(tensor, expected[name + suffix], atol=1e-4, rtol=1e-4,
+                                           msg=name + suffix)
     assert torch.equal(ids.argmax(-1), expected["pooled_index"])
 
 
@@ -168,7 +170,8 @@ def test_sd21_layout_matches_manifest():
 
 def test_truncation_warns_with_prompt_and_limit(clip_tok):
     long = "a photo of a red circle " * 30
-    with pytest.warns(UserWarning, match=r"'a photo of a red circle a photo of a \.\.\.' has 180 tokens.*at most 75"):
+    with pytest.warns(UserWarning,
+                      match=r"'a photo of a red circle a photo of a \.\.\.' has 180 tokens.*at most 75"):
         ids, mask = clip_tok([long, "a cat"])
     assert ids[0, 76] == clip_tok.eot_id and mask[0].sum() == 77
     assert ids[0, 1:76].tolist() == clip_tok.encode(long)[:75]
@@ -177,15 +180,19 @@ def test_truncation_warns_with_prompt_and_limit(clip_tok):
         ids, mask = clip_tok("red " * 75)
     assert ids[0, 76] == clip_tok.eot_id and mask.sum() == 77
     ids, mask = clip_tok("a cat", context_length=8)
-    assert ids.tolist() == [[49406, 320, 2368, 49407, 0, 0, 0, 0]] and mask.tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]
+    assert ids.tolist() == [[49406, 320, 2368, 49407, 0, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]
 
 
 def test_awkward_inputs_tokenize(clip_tok):
     rng = random.Random(1)
-    texts = ["", "   \n\t  \r\n ", "\x00\x01\x07\x1b[31mred\x1b[0m\x7f\x9b", "🐱👍🏽🇯🇵 👨‍👩‍👧 ❤️",
-             "Zürich 東京 Москва القاهرة मुंबई Αθήνα 서울", "<|endoftext|> <|STARTOFTEXT|>",
+    texts = ["", "   \n\t  \r\n ", "\x00\x01\x07\x1b[31mred\x1b[0m\x7f\x9b",
+             "🐱👍🏽🇯🇵 👨‍👩‍👧 ❤️",
+             "Zürich 東京 Москва القاهرة मुंबई Αθήνα 서울",
+             "<|endoftext|> <|STARTOFTEXT|>",
              "\ufeff\u200b\u00a0\u3000x",
-             " ".join(rng.choice(["red", "circle", "東京", "🐱", "left,", "it's"]) for _ in range(3000))[:10000],
+             " ".join(rng.choice(["red", "circle", "東京", "🐱", "left,", "it's"])
+                      for _ in range(3000))[:10000],
              "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(10000))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the two 10,000-character texts are truncated
@@ -200,11 +207,14 @@ def test_awkward_inputs_tokenize(clip_tok):
 
 
 def random_unicode(rng):
-    pools = [lambda: chr(rng.randint(32, 126)), lambda: chr(rng.randint(0, 31)), lambda: chr(rng.randint(127, 0x24F)),
+    pools = [lambda: chr(rng.randint(32, 126)), lambda: chr(rng.randint(0, 31)),
+             lambda: chr(rng.randint(127, 0x24F)),
              lambda: chr(rng.randint(0, 0xFFFF)),  # any BMP code point, lone surrogates included
              lambda: chr(rng.randint(0x1F300, 0x1FAFF)), lambda: chr(rng.randint(0x10000, 0x10FFFF)),
-             lambda: rng.choice([" ", "\t", "\n", "\r\n", "\u00a0", "\u2003", "\u3000", "\x85", "\u2028", "\x1c"]),
-             lambda: rng.choice(["&amp;", "&lt;b&gt;", "&#39;", "&amp;quot;", "Ã©", "â€™", "ﬁ", "！", "'s", SOT, EOT])]
+             lambda: rng.choice([" ", "\t", "\n", "\r\n", "\u00a0", "\u2003", "\u3000", "\x85", "\u2028",
+                                 "\x1c"]),
+             lambda: rng.choice(["&amp;", "&lt;b&gt;", "&#39;", "&amp;quot;", "Ã©", "â€™", "ﬁ",
+                                 "！", "'s", SOT, EOT])]
     weights = [8, 1, 2, 2, 1, 1, 3, 1]
     return "".join(rng.choices(pools, weights)[0]() for _ in range(rng.randint(0, 30)))
 
@@ -223,8 +233,10 @@ def test_fuzz_random_unicode_round_trips(clip_tok):
 
 
 def test_clean_text():
-    assert clean_text("  A  Red\tCAR\n\n&amp;amp; <b>SHEEP</b>  ") == "a red car & <b>sheep</b>"  # HTML unescaped twice
-    assert clean_text("cafÃ© \u201cquoted\u201d\x00") == 'café "quoted"'  # ftfy repairs mojibake and quotes
+    # HTML unescaped twice
+    assert clean_text("  A  Red\tCAR\n\n&amp;amp; <b>SHEEP</b>  ") == "a red car & <b>sheep</b>"
+    # ftfy repairs mojibake and quotes
+    assert clean_text("cafÃ© \u201cquoted\u201d\x00") == 'café "quoted"'
     assert clean_text("\u3000\xa0 \r\n") == ""
 
 
@@ -280,7 +292,8 @@ def test_trainer_is_deterministic_and_state_dict_round_trips(trained):
     state = torch.load(buf, weights_only=True)
     assert all(isinstance(s, str) for s in state["vocab"] + state["merges"])
     tok = Tokenizer.from_state_dict(state)
-    assert tok.vocab == trained.vocab and [tok.encode(c) for c in caps[:300]] == [trained.encode(c) for c in caps[:300]]
+    assert tok.vocab == trained.vocab
+    assert [tok.encode(c) for c in caps[:300]] == [trained.encode(c) for c in caps[:300]]
 
 
 # -----------------------------------------------------------------------------
@@ -326,8 +339,10 @@ def test_tokenizer_errors(tmp_path):
         Tokenizer.from_file(tmp_path / "nope.txt.gz")
     with pytest.raises(FileNotFoundError, match="has no vocab.json"):
         Tokenizer.from_file(tmp_path)
-    (tmp_path / "weights.txt.gz").write_bytes(b"PK\x03\x04 not gzip")          # e.g. a weights file by mistake
-    with pytest.raises(ValueError, match="tokenizer file .*weights.txt.gz could not be read \\(BadGzipFile\\)"):
+    # e.g. a weights file by mistake
+    (tmp_path / "weights.txt.gz").write_bytes(b"PK\x03\x04 not gzip")
+    with pytest.raises(ValueError,
+                       match="tokenizer file .*weights.txt.gz could not be read \\(BadGzipFile\\)"):
         Tokenizer.from_file(tmp_path / "weights.txt.gz")
     with pytest.raises(ValueError, match="vocab_size=300 is too small.*514"):
         Tokenizer.train(["a red circle"], 300)
@@ -356,15 +371,16 @@ def test_encoder_loading_errors(tmp_path):
         TextEncoder.from_pretrained(folder)
     state = read_weights(CLIP_DIR / "pytorch_model.bin", "weights")
     del state["text_model.final_layer_norm.bias"]
-    with pytest.raises(ValueError, match=r"pytorch_model.bin does not match .*config.json \(keys named without 'text_model.'\): missing keys "
+    with pytest.raises(ValueError, match=r"pytorch_model.bin does not match .*config.json "
+                                         r"\(keys named without 'text_model.'\): missing keys "
                                          r"\['final_layer_norm.bias'\]"):
         TextEncoder.from_pretrained(encoder_folder(tmp_path, state))
     state = {**read_weights(CLIP_DIR / "pytorch_model.bin", "weights"),
              "text_model.extra.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'\]"):
         TextEncoder.from_pretrained(encoder_folder(tmp_path, state))
-    with pytest.raises(ValueError, match=r"key 'encoder.layers.0.mlp.fc1.weight' has shape \(64, 16\) but .*config"
-                                         r".json implies \(32, 16\)"):
+    with pytest.raises(ValueError, match=r"key 'encoder.layers.0.mlp.fc1.weight' has shape \(64, 16\) "
+                                         r"but .*config.json implies \(32, 16\)"):
         TextEncoder.from_pretrained(encoder_folder(tmp_path, config={"intermediate_size": 32}))
     with pytest.raises(ValueError, match="lacks \\['hidden_size'\\]"):
         TextEncoder.from_pretrained(drop_config_key(encoder_folder(tmp_path), "hidden_size"))
@@ -375,7 +391,8 @@ def test_encoder_loading_errors(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors is not a safetensors file"):
         TextEncoder.from_pretrained(tmp_path / "enc")
     with pytest.raises(ValueError, match="ids have 78 positions but the text encoder has 77"):
-        TextEncoder(TextConfig(vocab_size=10, width=8, layers=1, heads=2))(torch.zeros(1, 78, dtype=torch.long))
+        encoder = TextEncoder(TextConfig(vocab_size=10, width=8, layers=1, heads=2))
+        encoder(torch.zeros(1, 78, dtype=torch.long))
 
 
 def drop_config_key(folder, key):

@@ -20,9 +20,11 @@ def test_torch_load_is_called_in_weights_py_alone_with_weights_only_true():
     files = sorted(ROOT.glob("*.py"))
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-                ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
+                         and k.value.value is True
                          for k in node.keywords)
                 calls.append((f"{path.name}:{node.lineno}", ok))
     assert 1 <= len(calls) <= 2 and all(where.startswith("weights.py:") for where, _ in calls), calls
@@ -40,18 +42,20 @@ def hostile_files(tmp_path, marker):
 def text_encoder_folder(tmp_path, weights):
     folder = tmp_path / "encoder"
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text('{"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, '
-                                        '"intermediate_size": 128}')
+    (folder / "config.json").write_text('{"hidden_size": 64, "num_hidden_layers": 1, '
+                                        '"num_attention_heads": 1, "intermediate_size": 128}')
     (folder / "pytorch_model.bin").write_bytes(weights.read_bytes())
     return folder
 
 
-@pytest.mark.parametrize("loader", ["VQVAE.from_pretrained", "STAR.from_pretrained", "TextEncoder.from_pretrained",
-                                    "weights.read_weights", "train.load_checkpoint"])
+@pytest.mark.parametrize("loader", ["VQVAE.from_pretrained", "STAR.from_pretrained",
+                                    "TextEncoder.from_pretrained", "weights.read_weights",
+                                    "train.load_checkpoint"])
 def test_library_loaders_refuse_hostile_files(loader, tmp_path):
     marker = tmp_path / "PWNED"
     load = {"VQVAE.from_pretrained": VQVAE.from_pretrained, "STAR.from_pretrained": STAR.from_pretrained,
-            "TextEncoder.from_pretrained": lambda p: clip_text.TextEncoder.from_pretrained(text_encoder_folder(tmp_path, p)),
+            "TextEncoder.from_pretrained":
+                lambda p: clip_text.TextEncoder.from_pretrained(text_encoder_folder(tmp_path, p)),
             "weights.read_weights": lambda p: weights.read_weights(p, "weights"),
             "train.load_checkpoint": train.load_checkpoint}[loader]
     for path in hostile_files(tmp_path, marker):

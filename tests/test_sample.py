@@ -18,7 +18,8 @@ from PIL import Image
 
 import sample
 from clip_text import TextConfig, TextEncoder, Tokenizer
-from conftest import BPE_PATH, FIXTURES, Payload, ROOT, assert_user_error, need_shared, run_script, terminal_lines
+from conftest import (BPE_PATH, FIXTURES, Payload, ROOT, assert_user_error, need_shared, run_script,
+                      terminal_lines)
 from star import STAR, STARConfig
 from tokenizer import VQVAE, VQVAEConfig
 
@@ -78,8 +79,8 @@ def png(path):
 
 def fixture_args():
     return ["--star", need_shared(FIXTURES / "star" / "star.pth"), "--vae", FIXTURES / "vqvae" / "vae.pth",
-            "--text-encoder", FIXTURES / "clip_text", "--tokenizer", BPE_PATH, "--patch-nums", "1,2,3,4,5,6,8",
-            "--rope-norm", "64"]
+            "--text-encoder", FIXTURES / "clip_text", "--tokenizer", BPE_PATH,
+            "--patch-nums", "1,2,3,4,5,6,8", "--rope-norm", "64"]
 
 
 def test_fixture_star_reproduces_the_reference_image(tmp_path, capsys):
@@ -118,7 +119,8 @@ def test_default_command_writes_a_png(ckpt, tmp_path, monkeypatch, capsys):
 
 def test_same_seed_same_bytes_other_seed_or_prompt_other_image(ckpt, tmp_path, capsys):
     def run(name, prompt="a red circle on the left", seed=3):
-        code, _, err = cli(["--ckpt", ckpt, "--prompt", prompt, "--seed", seed, "--out", tmp_path / name], capsys)
+        argv = ["--ckpt", ckpt, "--prompt", prompt, "--seed", seed, "--out", tmp_path / name]
+        code, _, err = cli(argv, capsys)
         assert code == 0, err
         return tmp_path / name
     a = run("a.png")
@@ -139,7 +141,8 @@ def test_prompts_file_writes_images_in_order(ckpt, tmp_path, capsys):
     assert png(out_dir / "grid.png").shape == (2 * 64 + 2, 2 * 64 + 2, 3)
     # file i is prompt i; each batch draws from its own seed, the first from --seed itself (as generate())
     pipe = sample.load_pipeline(ckpt)
-    streamed = np.concatenate([images for _, images, _ in pipe.generate_batches(prompts, seed=0, batch_size=2)])
+    batches = pipe.generate_batches(prompts, seed=0, batch_size=2)
+    streamed = np.concatenate([images for _, images, _ in batches])
     assert np.array_equal(streamed[:2], pipe.generate(prompts, seed=0, batch_size=2)[:2])
     for i in range(3):
         assert np.array_equal(png(out_dir / f"{i:03d}.png"), streamed[i])
@@ -158,14 +161,15 @@ def test_save_scales_writes_the_coarse_to_fine_strip(ckpt, tmp_path, capsys):
 
 def test_pipeline_api_for_shapes_eval(tmp_path):
     """What shapes.evaluate relies on: uint8 (B, 64, 64, 3), options by keyword, stored sampling defaults."""
-    path = build_tiny_checkpoint(tmp_path / "s.pt", half=False, sampling={"cfg": 1.5, "top_k": 3, "top_p": 0.9})
+    path = build_tiny_checkpoint(tmp_path / "s.pt", half=False,
+                                 sampling={"cfg": 1.5, "top_k": 3, "top_p": 0.9})
     pipe = sample.load_pipeline(path)
     assert pipe.sampling == {"cfg": 1.5, "top_k": 3, "top_p": 0.9} and pipe.head_ready
     imgs = pipe.generate(["a red circle on the left", "a small yellow triangle"], seed=1, cfg=2.0, top_k=5,
                          top_p=0.0, stable=None)
     assert imgs.shape == (2, 64, 64, 3) and imgs.dtype == np.uint8
-    imgs2, scales = pipe.generate(["a red circle on the left"], seed=2, images_per_prompt=2, return_scales=True,
-                                  stable=False)
+    imgs2, scales = pipe.generate(["a red circle on the left"], seed=2, images_per_prompt=2,
+                                  return_scales=True, stable=False)
     assert imgs2.shape == (2, 64, 64, 3) and scales.shape == (2, 6, 64, 64, 3)
     assert np.array_equal(scales[:, -1], imgs2)
     assert pipe.generate([""], seed=0).shape == (1, 64, 64, 3)       # unconditional: the empty prompt
@@ -174,7 +178,8 @@ def test_pipeline_api_for_shapes_eval(tmp_path):
     # bfloat16: STAR's weights only; the text encoder and the VQ-VAE stay float32
     bf16 = sample.load_pipeline(path, dtype=torch.bfloat16)
     assert bf16.star.pos_start.dtype == torch.bfloat16
-    assert bf16.vae.quantize.embedding.weight.dtype == bf16.text_encoder.final_layer_norm.weight.dtype == torch.float32
+    assert (bf16.vae.quantize.embedding.weight.dtype == bf16.text_encoder.final_layer_norm.weight.dtype
+            == torch.float32)
     assert bf16.generate(["a small yellow triangle"], seed=0, stable=True).shape == (1, 64, 64, 3)
 
 
@@ -190,8 +195,8 @@ def test_bundled_checkpoint_default_command(tmp_path, capsys, monkeypatch):
 
 def test_end_to_end_subprocess(ckpt, tmp_path):
     """The real entry point: exit status 0 with an image, 2 with one error line and no traceback."""
-    cmd = [sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--prompt", "a red circle on the left",
-           "--num-images", "2", "--out-dir", str(tmp_path / "o")]
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt),
+           "--prompt", "a red circle on the left", "--num-images", "2", "--out-dir", str(tmp_path / "o")]
     ok = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "o" / "001.png").is_file()
@@ -213,14 +218,16 @@ def assert_error(capsys, argv, *fragments):
     return lines[0]
 
 
-@pytest.mark.parametrize("flag, value, fragment", [("--top-p", "1.5", "--top-p 1.5: expected a number in [0, 1]"),
-                                                   ("--top-p", "-0.1", "in [0, 1]"),
-                                                   ("--top-k", "-1", "--top-k -1: expected a whole number >= 0"),
-                                                   ("--cfg", "-2", "--cfg -2: expected a number in [0, 100]"),
-                                                   ("--num-images", "0", "--num-images 0: expected a positive integer"),
-                                                   ("--batch-size", "0", "--batch-size 0"),
-                                                   ("--top-k", "many", "--top-k many: expected a whole number >= 0"),
-                                                   ("--patch-nums", "1,3,2", "must grow strictly")])
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--top-p", "1.5", "--top-p 1.5: expected a number in [0, 1]"),
+    ("--top-p", "-0.1", "in [0, 1]"),
+    ("--top-k", "-1", "--top-k -1: expected a whole number >= 0"),
+    ("--cfg", "-2", "--cfg -2: expected a number in [0, 100]"),
+    ("--num-images", "0", "--num-images 0: expected a positive integer"),
+    ("--batch-size", "0", "--batch-size 0"),
+    ("--top-k", "many", "--top-k many: expected a whole number >= 0"),
+    ("--patch-nums", "1,3,2", "must grow strictly"),
+])
 def test_bad_flag_values(ckpt, flag, value, fragment, capsys):
     assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", flag, value], fragment)
 
@@ -277,7 +284,8 @@ def test_hostile_files_as_released_weights_are_refused(tmp_path, capsys):
                               ("--star", hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False),
                                "STAR weights")):
         argv = [a for k, v in {**args, flag: value}.items() for a in (k, v)]
-        assert_error(capsys, argv + ["--prompt", "x", "--out", tmp_path / "o.png"], what, "not a plain weights file")
+        assert_error(capsys, argv + ["--prompt", "x", "--out", tmp_path / "o.png"], what,
+                     "not a plain weights file")
     assert not marker.exists()
 
 
@@ -287,7 +295,8 @@ def test_files_of_another_kind(tmp_path, capsys):
     def run(flag, value, *fragments):
         argv = [a for k, v in {**args, flag: value}.items() for a in (k, v)]
         return assert_error(capsys, argv + ["--prompt", "x", "--out", tmp_path / "o.png"], *fragments)
-    run("--star", FIXTURES / "vqvae" / "vae.pth", "is a VQ-VAE checkpoint, not STAR weights: pass it as --vae")
+    run("--star", FIXTURES / "vqvae" / "vae.pth",
+        "is a VQ-VAE checkpoint, not STAR weights: pass it as --vae")
     run("--star", FIXTURES / "clip_text" / "pytorch_model.bin", "CLIP text encoder", "--text-encoder")
     run("--vae", FIXTURES / "star" / "star.pth", "not a VQ-VAE state dict")
     (tmp_path / "noconfig").mkdir()
@@ -330,17 +339,20 @@ def test_device_and_memory_errors(ckpt, tmp_path, monkeypatch, capsys):
     assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--device", "cuda"], "no CUDA GPU", "--device cpu")
 
     for exc in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-                RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")):
+                RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: "
+                             "can't allocate memory")):
         def oom(*args, **kwargs):
             raise exc
         monkeypatch.setattr(STAR, "generate", oom)
         assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"],
-                     "out of memory on cpu generating 1 64px images at once", "more memory, or a smaller model")
+                     "out of memory on cpu generating 1 64px images at once",
+                     "more memory, or a smaller model")
 
 
 def test_stable_sampling_needs_a_trained_head(tmp_path, capsys):
     star_stage = build_tiny_checkpoint(tmp_path / "star.pt", stage="star")
-    assert_error(capsys, ["--ckpt", star_stage, "--prompt", "x", "--stable"], "not trained yet", "stable sampling off")
+    assert_error(capsys, ["--ckpt", star_stage, "--prompt", "x", "--stable"], "not trained yet",
+                 "stable sampling off")
     assert_error(capsys, [*fixture_args(), "--prompt", "x", "--stable"], "has none", "--no-stable")
 
 # ---------------------------------------------------------------- editing: --image / --mask, Pipeline.edit
@@ -376,7 +388,8 @@ def test_pipeline_edit_is_seeded_and_keeps_the_kept_tokens(ckpt, tmp_path, monke
     pipe.edit("x", image, mask > 0, seed=0)                           # a bool mask: True = regenerate
     known = pipe.vae.img_to_idx(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)
     assert all(torch.equal(k, s) for k, s in zip(known, seen["known_idx"]))
-    assert seen["keep"][0].all() and seen["keep"][-1].float().mean() == 0.5  # keep the left half, 1x1 included
+    # keep the left half, 1x1 included
+    assert seen["keep"][0].all() and seen["keep"][-1].float().mean() == 0.5
 
 
 def test_fit_edit_inputs_crops_resizes_and_says_so():
@@ -395,8 +408,8 @@ def test_fit_edit_inputs_crops_resizes_and_says_so():
 
 def test_edit_command_line(ckpt, tmp_path, capsys):
     image, mask = edit_files(tmp_path, size=(96, 96))
-    code, out, err = cli(["--ckpt", ckpt, "--prompt", "a red circle on the left", "--image", image, "--mask", mask,
-                          "--out", tmp_path / "o.png"], capsys)
+    code, out, err = cli(["--ckpt", ckpt, "--prompt", "a red circle on the left",
+                          "--image", image, "--mask", mask, "--out", tmp_path / "o.png"], capsys)
     assert code == 0, err
     assert "note: image 96x96 resized to 64x64" in out and png(tmp_path / "o.png").shape == (64, 64, 3)
 
@@ -407,8 +420,10 @@ def test_edit_errors(ckpt, tmp_path, capsys):
     assert_error(capsys, [*base, "--image", image], "--image and --mask go together")
     assert_error(capsys, [*base, "--image", tmp_path / "absent.png", "--mask", mask], "--image", "not found")
     (tmp_path / "text.png").write_text("not an image")
-    assert_error(capsys, [*base, "--image", image, "--mask", tmp_path / "text.png"], "--mask", "cannot be read")
-    assert_error(capsys, [*base, "--image", image, "--mask", image, "--save-scales"], "not available with --image")
+    assert_error(capsys, [*base, "--image", image, "--mask", tmp_path / "text.png"], "--mask",
+                 "cannot be read")
+    assert_error(capsys, [*base, "--image", image, "--mask", image, "--save-scales"],
+                 "not available with --image")
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(black)
     assert_error(capsys, [*base, "--image", image, "--mask", black], "regenerates nothing")
@@ -420,7 +435,8 @@ def test_edit_errors(ckpt, tmp_path, capsys):
     ck = torch.load(ckpt, weights_only=True)                          # a bundle without the VQ-VAE's encoder
     ck["vae"] = {k: v for k, v in ck["vae"].items() if not k.startswith("encoder.")}
     torch.save(ck, tmp_path / "decoder_only.pt")
-    assert_error(capsys, ["--ckpt", tmp_path / "decoder_only.pt", *base[2:], "--image", image, "--mask", mask],
+    assert_error(capsys, ["--ckpt", tmp_path / "decoder_only.pt", *base[2:], "--image", image,
+                          "--mask", mask],
                  "no VQ-VAE encoder weights")
     code, _, err = cli(["--ckpt", tmp_path / "decoder_only.pt", *base[2:]], capsys)   # it still generates
     assert code == 0, err
@@ -437,7 +453,8 @@ def test_bad_inputs_catalogue(ckpt, tmp_path, capsys):
             ("--cfg", "nan", "--cfg nan: expected a number in [0, 100]"),
             ("--cfg", "1e30", "--cfg 1e30: expected a number in [0, 100]"),
             ("--cfg", "-1", "--cfg -1: expected"),
-            ("--seed", "1180591620717411303424", "--seed 1180591620717411303424: expected a seed in [0, 2**64 - 1]"),
+            ("--seed", "1180591620717411303424",
+             "--seed 1180591620717411303424: expected a seed in [0, 2**64 - 1]"),
             ("--seed", "-1", "--seed -1: expected a seed"),
             ("--seed", "1.5", "--seed 1.5: expected a seed"),
             ("--top-k", "inf", "--top-k inf: expected a whole number >= 0"),
@@ -463,7 +480,8 @@ def test_pipeline_refuses_values_that_would_fail_inside(ckpt):
     pipe = sample.load_pipeline(ckpt)
     for options, fragment in [(dict(cfg=float("inf")), "cfg=inf"), (dict(cfg=float("nan")), "cfg=nan"),
                               (dict(cfg=1e30), "cfg=1e+30"), (dict(top_k=float("inf")), "top_k=inf"),
-                              (dict(top_k=2.5), "top_k=2.5"), (dict(seed=2**64), "seed="), (dict(seed=0.5), "seed=")]:
+                              (dict(top_k=2.5), "top_k=2.5"), (dict(seed=2**64), "seed="),
+                              (dict(seed=0.5), "seed=")]:
         with pytest.raises(ValueError, match=re.escape(fragment)):
             pipe.generate(["x"], **options)
         with pytest.raises(ValueError, match=re.escape(fragment)):
@@ -471,7 +489,8 @@ def test_pipeline_refuses_values_that_would_fail_inside(ckpt):
 
 
 def test_cfg_inf_as_a_user_runs_it(ckpt, tmp_path):
-    code, _, err = run_script("sample.py", "--ckpt", ckpt, "--prompt", "a red circle", "--cfg", "inf", cwd=tmp_path)
+    code, _, err = run_script("sample.py", "--ckpt", ckpt, "--prompt", "a red circle", "--cfg", "inf",
+                              cwd=tmp_path)
     assert_user_error(code, err, "--cfg inf: expected a number in [0, 100]")
     assert list(tmp_path.iterdir()) == []
 
@@ -485,15 +504,17 @@ def folder_bytes(folder):
 def test_out_dir_continues_where_it_stopped(ckpt, tmp_path, capsys):
     """Images already written with the same settings are skipped (and the set is the same as one run writes);
     other settings replace them; a missing scales strip is made again."""
-    argv = ["--ckpt", ckpt, "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[1], "--num-images", 3, "--batch-size", 2,
-            "--save-scales", "--grid"]
+    argv = ["--ckpt", ckpt, "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[1], "--num-images", 3,
+            "--batch-size", 2, "--save-scales", "--grid"]
     code, out, err = cli(argv + ["--out-dir", tmp_path / "ref"], capsys)
     assert code == 0, err
     ref = folder_bytes(tmp_path / "ref")
-    assert sorted(ref) == ["000.png", "000_scales.png", "001.png", "001_scales.png", "002.png", "002_scales.png",
-                           "003.png", "003_scales.png", "004.png", "004_scales.png", "005.png", "005_scales.png",
+    assert sorted(ref) == ["000.png", "000_scales.png", "001.png", "001_scales.png",
+                           "002.png", "002_scales.png", "003.png", "003_scales.png",
+                           "004.png", "004_scales.png", "005.png", "005_scales.png",
                            "grid.png", "prompts.txt", "settings.json"]
-    assert (tmp_path / "ref" / "prompts.txt").read_text().splitlines() == [CAPTIONS[0]] * 3 + [CAPTIONS[1]] * 3
+    prompts = (tmp_path / "ref" / "prompts.txt").read_text().splitlines()
+    assert prompts == [CAPTIONS[0]] * 3 + [CAPTIONS[1]] * 3
     # a run stopped after image 2 (of batch 1 = images 2, 3) and without one strip
     run = tmp_path / "run"
     run.mkdir()
@@ -501,7 +522,8 @@ def test_out_dir_continues_where_it_stopped(ckpt, tmp_path, capsys):
         (run / name).write_bytes(ref[name])
     code, out, err = cli(argv + ["--out-dir", run], capsys)
     assert code == 0, err
-    assert f"skipped 2 of 6 images already in {run}" in out          # 002 lacks nothing but 001's strip is gone
+    # 002 lacks nothing but 001's strip is gone
+    assert f"skipped 2 of 6 images already in {run}" in out
     assert folder_bytes(run) == ref
     # the same command again: nothing to do
     code, out, err = cli(argv + ["--out-dir", run], capsys)
@@ -518,7 +540,8 @@ def test_out_dir_continues_where_it_stopped(ckpt, tmp_path, capsys):
 def test_one_image_and_one_batch_unchanged_by_streaming(ckpt, tmp_path, capsys):
     """--out (and an --out-dir run of one batch) draw from one generator seeded --seed, as generate() does."""
     pipe = sample.load_pipeline(ckpt)
-    code, _, err = cli(["--ckpt", ckpt, "--prompt", CAPTIONS[2], "--seed", 7, "--out", tmp_path / "one.png"], capsys)
+    code, _, err = cli(["--ckpt", ckpt, "--prompt", CAPTIONS[2], "--seed", 7, "--out", tmp_path / "one.png"],
+                       capsys)
     assert code == 0, err
     assert np.array_equal(png(tmp_path / "one.png"), pipe.generate([CAPTIONS[2]], seed=7)[0])
     code, _, err = cli(["--ckpt", ckpt, "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[1], "--num-images", 2,
@@ -534,7 +557,8 @@ def test_out_of_memory_advice_fits_the_run(ckpt, tmp_path, monkeypatch, capsys):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
     monkeypatch.setattr(STAR, "generate", oom)
     line = assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--num-images", 8, "--batch-size", 8,
-                                 "--out-dir", tmp_path / "d"], "generating 8 64px images at once", "--batch-size 4",
+                                 "--out-dir", tmp_path / "d"],
+                        "generating 8 64px images at once", "--batch-size 4",
                         f"the images in {tmp_path / 'd'} are kept")
     assert "bfloat16" not in line                                   # float32 on a CPU: nothing to gain there
     line = assert_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--out", tmp_path / "o.png"],
@@ -545,8 +569,8 @@ def test_out_of_memory_advice_fits_the_run(ckpt, tmp_path, monkeypatch, capsys):
 def test_interrupted_run_continues_to_the_same_images(ckpt, tmp_path, capsys):
     """Ctrl-C in the middle of a multi-batch --out-dir run: exit code 130 and one line; the same command then
     skips what was written and the folder ends up byte for byte as an uninterrupted run leaves it."""
-    argv = ["--ckpt", ckpt, "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[3], "--num-images", 15, "--batch-size", 2,
-            "--threads", 1, "--out-dir"]
+    argv = ["--ckpt", ckpt, "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[3], "--num-images", 15,
+            "--batch-size", 2, "--threads", 1, "--out-dir"]
     code, _, err = cli(argv + [tmp_path / "ref"], capsys)                    # uninterrupted, in this process
     assert code == 0, err
     run = tmp_path / "run"
@@ -556,7 +580,8 @@ def test_interrupted_run_continues_to_the_same_images(ckpt, tmp_path, capsys):
     while not (run / "003.png").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=120)[1].decode()          # bytes: text mode would turn the bar's \r into \n
+    # bytes: text mode would turn the bar's \r into \n
+    err = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and terminal_lines(err) == [
         "interrupted; the images already written are kept, and the same command skips them"]
@@ -570,8 +595,8 @@ def test_interrupted_run_continues_to_the_same_images(ckpt, tmp_path, capsys):
 
 def test_every_flag_value_survives_the_settings_file(ckpt, tmp_path, capsys):
     """settings.json is read back as JSON (lists, not tuples): a run with --patch-nums still continues."""
-    argv = ["--ckpt", ckpt, "--prompt", "x", "--patch-nums", "1,2,3,4,5,8", "--rope-theta", "100", "--out-dir",
-            tmp_path]
+    argv = ["--ckpt", ckpt, "--prompt", "x", "--patch-nums", "1,2,3,4,5,8", "--rope-theta", "100",
+            "--out-dir", tmp_path]
     assert cli(argv, capsys)[0] == 0
     code, out, err = cli(argv, capsys)
     assert code == 0 and "skipped 1 of 1" in out, err
@@ -582,13 +607,14 @@ def test_prompts_outside_the_shapes_grammar_are_named(tmp_path, capsys):
     # the bundled model knows its captions' grammar only: "a red circle" (no size, no position) is drawn
     # loosely, and the command says so; a caption of the grammar passes without a word, as does any
     # prompt for a model trained on a folder of images
-    code, _, err = cli(["--ckpt", sample.DEFAULT_CKPT, "--prompt", "a red circle", "--prompt",
-                        "a large red circle on the left on a white background", "--grid", "--out", tmp_path / "a.png"],
-                       capsys)
+    code, _, err = cli(["--ckpt", sample.DEFAULT_CKPT, "--prompt", "a red circle",
+                        "--prompt", "a large red circle on the left on a white background",
+                        "--grid", "--out", tmp_path / "a.png"], capsys)
     assert code == 0 and err.count("warning:") == 1 and "'a red circle' is outside" in err
     code, _, err = cli(["--ckpt", sample.DEFAULT_CKPT, "--prompt", "a red circle above a blue square",
                         "--out", tmp_path / "b.png"], capsys)
     assert code == 0 and "warning:" not in err
     folder_model = build_tiny_checkpoint(tmp_path / "folder.pt")
-    code, _, err = cli(["--ckpt", folder_model, "--prompt", "a red circle", "--out", tmp_path / "c.png"], capsys)
+    code, _, err = cli(["--ckpt", folder_model, "--prompt", "a red circle", "--out", tmp_path / "c.png"],
+                       capsys)
     assert code == 0 and "warning:" not in err

@@ -12,8 +12,8 @@ import torch
 
 import shapes
 from conftest import ROOT, assert_user_error, run_in_process, run_script
-from shapes import (BACKGROUNDS, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES, caption, degrade, heldout_captions,
-                    judge, parse_caption, random_scene, render, sample_batch, vary)
+from shapes import (BACKGROUNDS, COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES, caption, degrade,
+                    heldout_captions, judge, parse_caption, random_scene, render, sample_batch, vary)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_palette_sizes_and_anchors_are_the_specified_ones():
     assert SIZES == {"small": 14, "large": 26} and shapes.SIZE_JITTER == 2 and shapes.POS_JITTER == 6
     assert POSITIONS == {"on the left": (16, None), "on the right": (48, None), "at the top": (None, 16),
                          "at the bottom": (None, 48), "in the center": (32, 32)}
-    assert RELATIONS == {"to the left of": ((16, None), (48, None)), "to the right of": ((48, None), (16, None)),
+    assert RELATIONS == {"to the left of": ((16, None), (48, None)),
+                         "to the right of": ((48, None), (16, None)),
                          "above": ((None, 16), (None, 48)), "below": ((None, 48), (None, 16))}
 
 
@@ -82,7 +83,8 @@ def test_caption_grammar_and_frequencies():
         assert want["where"] == s.where and want["bg"] == (s.background if s.named_background else None)
         if len(s.objects) == 2:
             assert s.objects[0].colour != s.objects[1].colour
-    for w in [*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS, "left", "right", "top", "bottom", "center", "above", "below"]:
+    for w in [*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS,
+              "left", "right", "top", "bottom", "center", "above", "below"]:
         assert w in words, w
     n_two = sum(len(s.objects) == 2 for s in scenes)
     named = np.mean([s.named_background for s in scenes])
@@ -134,7 +136,8 @@ def test_positions_and_relations(world):
         if len(s.objects) == 2:
             (ax, ay), (bx, by) = [((colour_box(img, COLOURS[o.colour])[0] + o.side / 2),
                                    (colour_box(img, COLOURS[o.colour])[2] + o.side / 2)) for o in s.objects]
-            along = {"to the left of": bx - ax, "to the right of": ax - bx, "above": by - ay, "below": ay - by}
+            along = {"to the left of": bx - ax, "to the right of": ax - bx,
+                     "above": by - ay, "below": ay - by}
             assert abs(along[s.where] - 32) <= 1, caption(s)
 
 
@@ -175,7 +178,8 @@ def test_judge_passes_ground_truth(world):
     results = [judge(c, im) for c, im in zip(caps, imgs)]
     assert all(r["ok"] for r in results)
     for r, c in zip(results, caps):
-        named = {"colour", "shape", "count", "ok"} | ({"relation"} if "colour2" in parse_caption(c) else {"size", "position"})
+        two_objects = "colour2" in parse_caption(c)
+        named = {"colour", "shape", "count", "ok"} | ({"relation"} if two_objects else {"size", "position"})
         assert set(r) == named | ({"background"} if c.endswith("background") else set())
 
 
@@ -195,7 +199,8 @@ def test_judge_rejects_wrong_images(world):
     rng = np.random.default_rng(1)
     flagged = []
     for s, c in zip(scenes[:150], caps[:150]):
-        names = ["colour", "shape", "background"] + (["size", "position"] if len(s.objects) == 1 else ["relation"])
+        one_object = len(s.objects) == 1
+        names = ["colour", "shape", "background"] + (["size", "position"] if one_object else ["relation"])
         for name in names:
             if name == "background" and not s.named_background:
                 continue
@@ -311,8 +316,10 @@ def test_bad_inputs_catalogue(tmp_path, capsys):
     cases = [
         (["eval", "--ckpt", ROOT / "README.md", "--n", "2"], "README.md is not a plain weights file"),
         (["eval", "--ckpt", tmp_path / "trunc.pt", "--n", "2"], "trunc.pt could not be read"),
-        (["eval", "--ckpt", hostile_pickle(tmp_path / "evil.pt", marker), "--n", "2"], "not a plain weights file"),
-        (["eval", "--ckpt", hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False)], "not a plain weights"),
+        (["eval", "--ckpt", hostile_pickle(tmp_path / "evil.pt", marker), "--n", "2"],
+         "not a plain weights file"),
+        (["eval", "--ckpt", hostile_pickle(tmp_path / "evil.pkl", marker, zip_format=False)],
+         "not a plain weights"),
         (["eval", "--ckpt", tmp_path / "missing.pt"], "--ckpt", "missing.pt: no such file"),
         (["eval", "--ckpt", build_tiny_checkpoint(tmp_path / "vae.pt", stage="vae"), "--n", "2"],
          "holds only the VQ-VAE"),

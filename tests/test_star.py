@@ -62,12 +62,14 @@ def test_preset_state_dict_matches_manifest(preset, manifest):
 
 
 def test_presets():
-    expect = {"star-256-d16": (16, 1024, 680), "star-256-d30": (30, 1920, 680), "star-512-d30": (30, 1920, 2240),
-              "star-1024-d30": (30, 1920, 9451), "star-1024-sampler": (30, 1920, 9451)}
+    expect = {"star-256-d16": (16, 1024, 680), "star-256-d30": (30, 1920, 680),
+              "star-512-d30": (30, 1920, 2240), "star-1024-d30": (30, 1920, 9451),
+              "star-1024-sampler": (30, 1920, 9451)}
     for name, (depth, width, L) in expect.items():
         c = STARConfig.preset(name)
         assert (c.depth, c.width, c.num_heads, c.seq_len) == (depth, width, depth, L)
-        assert (c.rope_theta, c.rope_norm, c.logit_norm, c.cross_attn_mode) == (10000.0, 64.0, True, "batch_of_one")
+        assert ((c.rope_theta, c.rope_norm, c.logit_norm, c.cross_attn_mode)
+                == (10000.0, 64.0, True, "batch_of_one"))
         assert c.head == (name == "star-1024-sampler") and c.sample_from_idx == 9
     with pytest.raises(ValueError, match="unknown STAR preset"):
         STARConfig.preset("star-2048")
@@ -86,7 +88,8 @@ def test_rope_same_relative_place_same_angle_at_every_scale():
     freqs = 1.0 / 10000.0 ** (torch.arange(16) * 4 / 64)
     for pn in (2, 3, 8, 13, 64):  # every map spans [0, rope_norm]: the far corner turns by rope_norm * f
         corner = rope_2d(pn, 64, 10000.0, 64.0)[-1]
-        assert torch.allclose(corner.angle()[:16], torch.polar(torch.ones(16), 64.0 * freqs).angle(), atol=1e-4)
+        assert torch.allclose(corner.angle()[:16], torch.polar(torch.ones(16), 64.0 * freqs).angle(),
+                              atol=1e-4)
         assert torch.allclose(corner, torch.cat([corner[:16], corner[:16]]))  # row pairs = column pairs there
     assert torch.equal(rope_2d(1, 64, 10000.0, 64.0), torch.ones(1, 32, dtype=torch.complex64))
     plain = rope_2d(9, 64, 10000.0, 8.0)  # rope_norm = pn - 1 gives plain integer positions
@@ -120,8 +123,9 @@ def test_teacher_forcing_matches_batch_of_one_fixture():
     assert_close(got["target"], exp["tf_b1_target_logit_BL"])
     assert abs(loss.item() - (exp["tf_b1_logsumexp_BL"] - exp["tf_b1_target_logit_BL"]).mean().item()) < ATOL
     with torch.no_grad():
-        assert torch.equal(model.loss(inp["x_BLCv_wo_first_l"], inp["encoder_hidden_states"][:2],
-                                      inp["encoder_attention_mask"][:2], inp["encoder_pool_feat"][:2], target), loss)
+        again = model.loss(inp["x_BLCv_wo_first_l"], inp["encoder_hidden_states"][:2],
+                           inp["encoder_attention_mask"][:2], inp["encoder_pool_feat"][:2], target)
+        assert torch.equal(again, loss)
 
 
 def test_teacher_forcing_is_per_sample():
@@ -303,7 +307,8 @@ def test_greedy_generation_matches_batch_of_one_fixture(vae, cfg, monkeypatch):
     assert_close(img, exp[f"{tag}_img"], atol=1e-3)  # the reference returns (x + 1) / 2 in [0, 1]
     # batch invariance: each prompt alone gives the same tokens and images as the batch of two
     for i in range(2):
-        img_i, idx_i = model.generate(*text_args(inp, rows=[i]), cfg=cfg, top_k=1, top_p=0.0, return_indices=True)
+        img_i, idx_i = model.generate(*text_args(inp, rows=[i]), cfg=cfg, top_k=1, top_p=0.0,
+                                      return_indices=True)
         assert all(torch.equal(a, b[i:i + 1]) for a, b in zip(idx_i, idx))
         assert_close(img_i, img[i:i + 1], atol=1e-5)
 
@@ -348,7 +353,8 @@ def test_on_scale_is_called_once_per_scale_in_order_and_changes_nothing(vae):
     _, with_cb = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(3),
                                 on_scale=lambda si, pn: calls.append((si, pn)), **kw)
     assert calls == list(enumerate(model.config.patch_nums))
-    _, without = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(3), on_scale=None, **kw)
+    _, without = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(3), on_scale=None,
+                                **kw)
     assert all(torch.equal(x, y) for x, y in zip(with_cb, without))
 
 
@@ -421,7 +427,8 @@ def test_edit_keeps_the_image_tokens_at_every_scale(vae, folder):
     _, two = model.generate(*text_args(inp), known_idx=known, keep=keep, stable=False, **kw)
     _, one = model.generate(*text_args(inp, rows=[0]), known_idx=[k[:1] for k in known],
                             keep=[k[:1] for k in keep], images_per_prompt=2, stable=False, **kw)
-    assert all(a.shape[0] == 2 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[0]) for a, b in zip(one, two))
+    assert all(a.shape[0] == 2 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[0])
+               for a, b in zip(one, two))
 
 
 @pytest.mark.parametrize("folder", ["star", "star_head"])
@@ -442,7 +449,8 @@ def test_edit_keep_all_is_the_reconstruction_keep_none_the_plain_image(vae, fold
     keep = keep_masks(left, model.config.patch_nums)
     a = model.generate(*text_args(inp), generator=g(), known_idx=known, keep=keep, **kw)[1]
     b = model.generate(*text_args(inp), generator=g(), known_idx=known, keep=keep, **kw)[1]
-    c = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(4), known_idx=known, keep=keep, **kw)[1]
+    c = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(4), known_idx=known,
+                       keep=keep, **kw)[1]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not all(torch.equal(x, y) for x, y in zip(a, c))
     assert len(idx) == K
     with pytest.raises(ValueError, match="needs both"):
@@ -543,7 +551,8 @@ def test_head_loss_falls_with_a_frozen_trunk():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
-    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(("blocks.", "head_logits.")))
+    assert all(p.grad is None for n, p in model.named_parameters()
+               if n.startswith(("blocks.", "head_logits.")))
 
 
 def test_trunk_loss_falls_and_drop_path_only_in_training():
@@ -614,7 +623,8 @@ def test_real_rope_equals_the_complex_rotation():
     real_rotation = apply_rope(x, torch.view_as_real(table))
     assert (real_rotation - complex_rotation).abs().max() <= 1e-6
     assert torch.equal(apply_rope(x, table), real_rotation)
-    model = STAR(STARConfig(depth=1, width=64, num_heads=1, patch_nums=(1, 2, 3), text_dim=16)).to(torch.bfloat16)
+    config = STARConfig(depth=1, width=64, num_heads=1, patch_nums=(1, 2, 3), text_dim=16)
+    model = STAR(config).to(torch.bfloat16)
     assert model.rope_Lc2.dtype == torch.float32 and not model.rope_Lc2.is_complex()
 
 
@@ -645,7 +655,8 @@ def test_decoding_steps_compile_whole_without_graph_breaks(vae, monkeypatch):
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"], dict(counters["graph_break"])
     _, again = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), **kw)
-    assert counters["stats"]["unique_graphs"] == graphs and all(torch.equal(a, b) for a, b in zip(eager, again))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(torch.equal(a, b) for a, b in zip(eager, again))
     twin = copy.deepcopy(model)                              # a copy runs its own weights
     with torch.no_grad():
         twin.head_logits.bias.add_(100.0 * torch.arange(twin.config.vocab_size))
@@ -668,7 +679,8 @@ def test_compiled_edit_gives_the_eager_edit(vae, folder, monkeypatch):
     img_c, compiled = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(3), **kw)
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled)) and torch.equal(img, img_c)
     assert all(torch.equal(a[k], b[k]) for a, b, k in zip(compiled, known, keep))
-    assert counters["stats"]["unique_graphs"] > len(model.config.patch_nums)   # the probe and a trunk per scale
+    # the probe and a trunk per scale
+    assert counters["stats"]["unique_graphs"] > len(model.config.patch_nums)
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
@@ -677,7 +689,8 @@ def test_compile_decoding_where_compile_cannot_run(monkeypatch):
         raise RuntimeError("no C++ compiler found\nmore details")
     model = STAR(STARConfig(depth=1, width=64, num_heads=1, patch_nums=(1, 2), text_dim=16))
     monkeypatch.setattr(torch, "compile", no_compiler)
-    with pytest.raises(RuntimeError, match=r"^torch.compile is not available here \(RuntimeError: no C\+\+ compiler found\)$"):
+    with pytest.raises(RuntimeError, match=r"^torch.compile is not available here "
+                                           r"\(RuntimeError: no C\+\+ compiler found\)$"):
         model.compile_decoding()
     assert "trunk_step" not in vars(model)                   # left eager
 
@@ -693,8 +706,8 @@ def test_inductor_compiled_generation_gives_the_eager_tokens(vae, folder, stable
     kw = dict(cfg=4.0, top_k=1, top_p=0.0, stable=stable, return_indices=True)
     img, eager = model.generate(*text_args(inp), generator=torch.Generator().manual_seed(0), **kw)
     torch._dynamo.reset()
-    img_c, compiled = model.compile_decoding().generate(*text_args(inp), generator=torch.Generator().manual_seed(0),
-                                                        **kw)
+    img_c, compiled = model.compile_decoding().generate(*text_args(inp),
+                                                        generator=torch.Generator().manual_seed(0), **kw)
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
     assert torch.equal(img, img_c)                            # the same tokens decode to the same image
     if folder == "star":

@@ -1,4 +1,5 @@
-"""Tests of tokenizer.py: parity with VAR's VQ-VAE on the reference fixtures, then loading, errors, training."""
+"""Tests of tokenizer.py: parity with VAR's VQ-VAE on the reference fixtures, then loading, errors,
+training."""
 import dataclasses
 import json
 
@@ -48,13 +49,15 @@ def test_fixture_encode_matches_reference(ref):
 def test_fixture_decode_and_teacher_forcing_match_reference(ref):
     vae, _, expected = ref
     idx_list = expected["idx_Bl"]
-    torch.testing.assert_close(vae.idx_to_var_input(idx_list), expected["idxBl_to_var_input"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(vae.idx_to_var_input(idx_list), expected["idxBl_to_var_input"],
+                               atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(vae.quantize.idx_to_fhat(idx_list), expected["f_hat"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(vae.idx_to_img(idx_list), expected["recon"], atol=1e-3, rtol=0)
     per_scale = vae.idx_to_img(idx_list, per_scale=True)
     assert len(per_scale) == len(FIXTURE_PATCH_NUMS)
     keep = expected["progressive_image_indices"]
-    torch.testing.assert_close(torch.stack([p[keep] for p in per_scale]), expected["progressive"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.stack([p[keep] for p in per_scale]), expected["progressive"],
+                               atol=1e-3, rtol=0)
 
 
 def test_fixture_generation_steps_rebuild_f_hat_and_inputs(ref):
@@ -109,7 +112,8 @@ def test_norm_groups_reach_every_groupnorm_and_default_to_vars_32():
     assert groups == {8}
     # a config saved before the field existed (dict without it) is VAR's layout
     old = {k: v for k, v in dataclasses.asdict(tiny_config()).items() if k != "norm_groups"}
-    assert {m.num_groups for m in VQVAE(VQVAEConfig(**old)).modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+    norms = [m for m in VQVAE(VQVAEConfig(**old)).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert {m.num_groups for m in norms} == {32}
     # same keys and shapes either way: the groups change the arithmetic, not the weights
     ref = VQVAE(tiny_config()).state_dict()
     assert {k: v.shape for k, v in vae.state_dict().items()} == {k: v.shape for k, v in ref.items()}
@@ -255,7 +259,8 @@ def test_reseed_replaces_only_dead_codes():
     n = vae.reseed_dead_codes(img, generator=g)
     after = vae.quantize.embedding.weight.detach()
     assert n == int((~used).sum()) > 0
-    assert torch.equal(after[used], before[used]) and not torch.isclose(after[~used], before[~used]).all(1).any()
+    assert torch.equal(after[used], before[used])
+    assert not torch.isclose(after[~used], before[~used]).all(1).any()
     assert vae.quantize.code_hits_V.sum() == 0
 
 

@@ -6,8 +6,9 @@ the kill lands in the middle of a checkpoint write; torchrun with two processes 
 a non-finite loss stops training before anything NaN is saved; bad inputs get one line and exit
 code 2; and nothing trains on the wrong data or destroys a run (a token pool made by another
 configuration is made again, a bare --resume keeps the run's own flags, --export never writes over a
-checkpoint and leaves no temporary file). Every run uses one thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1): the same bits). Runs
-that get killed are forked from a server that has imported torch already, which makes each start cheap.
+checkpoint and leaves no temporary file). Every run uses one thread (OMP_NUM_THREADS=1 or
+torch.set_num_threads(1): the same bits). Runs that get killed are forked from a server that has
+imported torch already, which makes each start cheap.
 """
 import codecs
 import json
@@ -39,9 +40,10 @@ STEPS = {"vae": 8, "star": 6, "head": 4}
 # with checkpoints at even steps, a kill after step 7 resumes at step 6 with non-zero hit counters
 TINY = ["--resolution", "16", "--patch-nums", "1,2", "--vae-ch", "32", "--vocab-size", "16", "--depth", "1",
         "--width", "64", "--text-width", "64", "--text-layers", "1", "--head-from", "1", "--pool", "64",
-        "--batch-size", "4", "--warmup", "2", "--vae-ae-frac", "0.25", "--reseed-every", "3", "--log-every", "1",
-        "--sample-every", "0", "--quiet", "--device", "cpu",
-        "--vae-steps", str(STEPS["vae"]), "--star-steps", str(STEPS["star"]), "--head-steps", str(STEPS["head"])]
+        "--batch-size", "4", "--warmup", "2", "--vae-ae-frac", "0.25", "--reseed-every", "3",
+        "--log-every", "1", "--sample-every", "0", "--quiet", "--device", "cpu",
+        "--vae-steps", str(STEPS["vae"]), "--star-steps", str(STEPS["star"]),
+        "--head-steps", str(STEPS["head"])]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CKPTS = ("vae.pt", "star.pt", "head.pt")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40)}
@@ -103,7 +105,8 @@ def assert_one_line_error(code, err, fragment):
 def logged_losses(out):
     """[(stage, step, loss text)] of every step line in OUT/log.txt, in order (re-done steps repeat)."""
     text = (Path(out) / "log.txt").read_text()
-    return [(m[1], int(m[2]), m[3]) for m in re.finditer(r"^(vae|star|head) step (\d+) loss (\S+)", text, re.M)]
+    logged = re.finditer(r"^(vae|star|head) step (\d+) loss (\S+)", text, re.M)
+    return [(m[1], int(m[2]), m[3]) for m in logged]
 
 
 def assert_same_weights(out_a, out_b):
@@ -162,7 +165,8 @@ def reference(data, tmp_path_factory):
 # 1. the pipeline and its checkpoints
 
 def test_help():
-    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True)
     assert r.returncode == 0 and "--resume" in r.stdout and "torchrun" in r.stdout and not r.stderr
 
 
@@ -261,12 +265,14 @@ def test_resume_after_kill_continues_exactly(reference, data, tmp_path, launch):
     # the re-done steps (7 of the VQ-VAE, 5 and maybe 6 of STAR) appear twice, with the same losses
     got, want = logged_losses(out), dict(((s, n), v) for s, n, v in logged_losses(reference))
     assert len(got) > sum(STEPS.values())
-    assert all(v == want[s, n] for s, n, v in got), [(s, n, v, want[s, n]) for s, n, v in got if v != want[s, n]]
+    assert all(v == want[s, n] for s, n, v in got), [(s, n, v, want[s, n]) for s, n, v in got
+                                                     if v != want[s, n]]
     assert_same_weights(out, reference)
 
 
 def next_step(out):
-    """(stage, step) the next --resume must start at, from the complete checkpoints on disk; each must load."""
+    """(stage, step) the next --resume must start at, from the complete checkpoints on disk; each must
+    load."""
     nxt = ("vae", 1)
     for i, name in enumerate(STEPS):
         path = Path(out) / f"{name}.pt"
@@ -276,7 +282,10 @@ def next_step(out):
         assert ck["format"] == "star-pipeline" and ck["stage"] == name and 1 <= ck["step"] <= STEPS[name]
         assert all(torch.isfinite(t).all() for t in ck["vae"].values() if t.is_floating_point())
         done = ck["step"] == STEPS[name]
-        nxt = (list(STEPS)[i + 1], 1) if done and i + 1 < len(STEPS) else None if done else (name, ck["step"] + 1)
+        if not done:
+            nxt = (name, ck["step"] + 1)
+        else:
+            nxt = (list(STEPS)[i + 1], 1) if i + 1 < len(STEPS) else None
     return nxt
 
 
@@ -361,7 +370,8 @@ def all_finite(path):
                for t in ck[part].values() if t.is_floating_point())
 
 
-def test_a_diverging_loss_stops_with_one_line_and_keeps_checkpoints_finite(data, tmp_path, monkeypatch, capsys):
+def test_a_diverging_loss_stops_with_one_line_and_keeps_checkpoints_finite(data, tmp_path, monkeypatch,
+                                                                           capsys):
     """Through the command's boundary: the loss overflows from step 4 on (as with a learning rate far too
     high; --vae-lr itself is capped at 1, see the bad-flag catalogue)."""
     import tokenizer
@@ -389,8 +399,10 @@ def test_nan_in_the_data_stops_before_the_update(data, tmp_path, monkeypatch):
     train_loss = train.reconstruction_loss
     monkeypatch.setattr(train, "reconstruction_loss", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(train.UserError, match=r"vae step 4: the loss is nan; stopped before updating.*step 3"):
-        train_in_process(["--out", str(out), "--data", str(data), "--stage", "vae", "--ckpt-every", "1", *TINY])
+    with pytest.raises(train.UserError,
+                       match=r"vae step 4: the loss is nan; stopped before updating.*step 3"):
+        train_in_process(["--out", str(out), "--data", str(data), "--stage", "vae", "--ckpt-every", "1",
+                          *TINY])
     assert torch.load(out / "vae.pt", weights_only=True)["step"] == 3 and all_finite(out / "vae.pt")
 
 
@@ -404,8 +416,10 @@ def test_weights_that_overflow_are_never_saved(data, tmp_path, monkeypatch):
             self.param_groups[0]["params"][0].mul_(float("inf"))
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
     out = tmp_path / "run"
-    with pytest.raises(train.UserError, match="vae step 1: the weights became non-finite.*last checkpoint: none"):
-        train_in_process(["--out", str(out), "--data", str(data), "--stage", "vae", "--ckpt-every", "1", *TINY])
+    with pytest.raises(train.UserError,
+                       match="vae step 1: the weights became non-finite.*last checkpoint: none"):
+        train_in_process(["--out", str(out), "--data", str(data), "--stage", "vae", "--ckpt-every", "1",
+                          *TINY])
     assert not (out / "vae.pt").exists()
 
 
@@ -430,7 +444,8 @@ def test_corrupt_images_and_missing_captions_are_skipped_with_a_warning(tmp_path
     assert sorted(p.name for p, _ in data.items) == [f"img{i}.png" for i in range(6)]
     out = tmp_path / "run"
     with pytest.warns(UserWarning):
-        train_in_process(["--out", str(out), "--data", str(root), "--stage", "vae", *TINY, "--vae-steps", "2"])
+        train_in_process(["--out", str(out), "--data", str(root), "--stage", "vae", *TINY,
+                          "--vae-steps", "2"])
     assert torch.load(out / "vae.pt", weights_only=True)["step"] == 2
 
 
@@ -447,7 +462,8 @@ def bad_input_cases(tmp_path, reference):
     (broken / "a.png").write_bytes(b"not a png")
     (broken / "a.txt").write_text("a caption")
     meta = write_folder(tmp_path / "meta", n=2)
-    (meta / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": "a red square"}\n{"file_name": 3}\n')
+    (meta / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": "a red square"}\n'
+                                         '{"file_name": 3}\n')
     (tmp_path / "file").write_text("")
     outside = write_folder(tmp_path / "outside", n=1) / "img0.png"         # a readable image, beside the data
     escape = write_folder(tmp_path / "escape", n=2)
@@ -471,7 +487,8 @@ def bad_input_cases(tmp_path, reference):
     vae_bytes = (reference / "vae.pt").read_bytes()
     marker = tmp_path / "PWNED"
     hostile = lambda p: hostile_checkpoint(p, marker)  # noqa: E731
-    plain_vqvae = lambda p: torch.save(VQVAE(VQVAEConfig(ch=32, patch_nums=(1, 2))).state_dict(), p)  # noqa: E731
+    plain_vqvae = lambda p: torch.save(  # noqa: E731
+        VQVAE(VQVAEConfig(ch=32, patch_nums=(1, 2))).state_dict(), p)
     hostile_pool = out_with("vae.pt", reference / "vae.pt")
     hostile_checkpoint(hostile_pool / "tokens.pt", marker)
     return marker, [
@@ -489,29 +506,36 @@ def bad_input_cases(tmp_path, reference):
         (["--out", out_with("vae.pt", hostile), "--stage", "star", *tiny], "not a plain weights file"),
         (["--export", hostile(tmp_path / "evil.pt"), tmp_path / "x.pt"], "not a plain weights file"),
         (["--out", hostile_pool, "--stage", "star", *tiny], "not a plain weights file"),
-        (["--out", out_with("vae.pt", plain_vqvae), "--stage", "star", *tiny], "not a checkpoint written by train.py"),
-        (["--out", out_with("vae.pt", reference / "star.pt"), "--resume", *tiny], "'star' checkpoint, expected 'vae'"),
-        (["--out", out_with("star.pt", reference / "vae.pt"), "--stage", "head", *tiny], "'vae' checkpoint, expected 'star'"),
+        (["--out", out_with("vae.pt", plain_vqvae), "--stage", "star", *tiny],
+         "not a checkpoint written by train.py"),
+        (["--out", out_with("vae.pt", reference / "star.pt"), "--resume", *tiny],
+         "'star' checkpoint, expected 'vae'"),
+        (["--out", out_with("star.pt", reference / "vae.pt"), "--stage", "head", *tiny],
+         "'vae' checkpoint, expected 'star'"),
         (["--export", reference / "vae.pt", tmp_path / "x.pt"], "expected 'star' or 'head'"),
-        (["--export", tmp_path / "nothing.pt", tmp_path / "x.pt"], "no such file, expected a checkpoint file"),
+        (["--export", tmp_path / "nothing.pt", tmp_path / "x.pt"],
+         "no such file, expected a checkpoint file"),
         (["--export", tmp_path, tmp_path / "x.pt"], "a folder, expected a checkpoint file"),
         (["--out", tmp_path / "o2", "--stage", "star", *tiny], "no such file, expected a checkpoint file"),
         (["--out", out_with("vae.pt", reference / "vae.pt"), "--stage", "star", *tiny, "--resolution", "32",
           "--patch-nums", "1,4"], "works on 16x16 images"),
         (["--out", out_with("vae.pt", reference / "vae.pt"), "--stage", "star", *tiny, "--vae-ch", "64"],
          "--stage star: --vae-ch 64 (the run has 32): this stage continues from"),
-        (["--out", tmp_path / "o", *tiny, "--patch-nums", "1,3"], "the last side must be --resolution / 8 = 2"),
-        (["--out", tmp_path / "o", "--data", "shapes", "--resolution", "16", "--patch-nums", "1,2"], "drawn at 64x64"),
+        (["--out", tmp_path / "o", *tiny, "--patch-nums", "1,3"],
+         "the last side must be --resolution / 8 = 2"),
+        (["--out", tmp_path / "o", "--data", "shapes", "--resolution", "16", "--patch-nums", "1,2"],
+         "drawn at 64x64"),
         (["--out", tmp_path / "o", *tiny, "--width", "96"], "multiple of 64"),
         (["--out", tmp_path / "o", *tiny, "--ckpt-every", "0"], "expected a positive integer"),
         (["--out", tmp_path / "o", *tiny, "--patch-nums", "1,x"], "comma-separated integers"),
-        (["--out", tmp_path / "o", *tiny, "--stage", "star", "--text-encoder", tmp_path], "needs --tokenizer"),
+        (["--out", tmp_path / "o", *tiny, "--stage", "star", "--text-encoder", tmp_path],
+         "needs --tokenizer"),
         (["--out", tmp_path / "o", *tiny, "--bogus"], "unrecognized arguments: --bogus"),
-        (["--out", tmp_path / "o", "--data", escape, *TINY], "metadata.jsonl:1: file_name '../outside/img0.png' "
-                                                            "points outside"),
+        (["--out", tmp_path / "o", "--data", escape, *TINY],
+         "metadata.jsonl:1: file_name '../outside/img0.png' points outside"),
         (["--out", tmp_path / "o", "--data", absolute, *TINY], "metadata.jsonl:1: file_name"),
-        (["--out", tmp_path / "o", "--data", number, *TINY], "metadata.jsonl:2: 'file_name' and 'text' must be "
-                                                            "strings, got str and int"),
+        (["--out", tmp_path / "o", "--data", number, *TINY],
+         "metadata.jsonl:2: 'file_name' and 'text' must be strings, got str and int"),
     ] + [([*argv, "--out", tmp_path / "never", *tiny, *flag], fragment) for argv, flag, fragment in BAD_FLAGS]
 
 
@@ -578,7 +602,8 @@ def test_errors_from_the_model_files_reach_the_user_as_one_line(reference, tmp_p
     bpe.write_text("#version: 0.2\nt h\n")
     for argv, fragment in [
         (["--out", tmp_path / "o", "--data", data, *TINY, "--patch-nums", "2,2"], "strictly increasing"),
-        (["--out", out, "--stage", "star", "--data", data, *TINY, "--text-vocab", "300"], "vocab_size=300 is too small"),
+        (["--out", out, "--stage", "star", "--data", data, *TINY, "--text-vocab", "300"],
+         "vocab_size=300 is too small"),
         (["--out", out, "--stage", "star", "--data", data, *TINY, "--text-encoder", tmp_path / "nope",
           "--tokenizer", bpe], "does not exist"),
         (["--out", out, "--stage", "star", "--data", data, *TINY, "--text-encoder", tmp_path,
@@ -594,7 +619,8 @@ def test_errors_from_the_model_files_reach_the_user_as_one_line(reference, tmp_p
 def test_released_vae_replaces_the_vae_stage(tmp_path):
     """--vae: a VQ-VAE in VAR's plain state-dict layout (here 16x downsampling, as the released one) is
     loaded frozen; the star and head stages train on its tokens and store it unchanged."""
-    vae = VQVAE(VQVAEConfig(vocab_size=16, ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1, patch_nums=(1, 2)))
+    vae = VQVAE(VQVAEConfig(vocab_size=16, ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1,
+                            patch_nums=(1, 2)))
     torch.save(vae.state_dict(), tmp_path / "vae.pth")
     argv = list(TINY)
     argv[argv.index("--resolution") + 1] = "32"
@@ -617,15 +643,17 @@ def test_weight_decay_reaches_linear_and_conv_matrices_only():
     name = {id(p): n for n, p in net.named_parameters()}
     decayed = {name[id(p)] for p in decay["params"]}
     kept = {name[id(p)] for p in no_decay["params"]}
-    assert decayed.isdisjoint(kept) and decayed | kept == {n for n, p in net.named_parameters() if p.requires_grad}
+    assert decayed.isdisjoint(kept)
+    assert decayed | kept == {n for n, p in net.named_parameters() if p.requires_grad}
     # attention temperatures (log-scales), start token, scale and text embeddings, biases, norms: no decay
-    for n in ("star.blocks.0.attn.scale_mul_1H11", "star.blocks.0.cross_attn.scale_mul_1H11", "star.pos_start",
-              "star.lvl_embed.weight", "star.blocks.0.attn.q_bias", "star.head_logits.bias",
-              "text_encoder.embeddings.token_embedding.weight", "text_encoder.embeddings.position_embedding.weight",
-              "text_encoder.final_layer_norm.weight"):
+    for n in ("star.blocks.0.attn.scale_mul_1H11", "star.blocks.0.cross_attn.scale_mul_1H11",
+              "star.pos_start", "star.lvl_embed.weight", "star.blocks.0.attn.q_bias",
+              "star.head_logits.bias", "text_encoder.embeddings.token_embedding.weight",
+              "text_encoder.embeddings.position_embedding.weight", "text_encoder.final_layer_norm.weight"):
         assert n in kept, n
-    for n in ("star.blocks.0.attn.mat_qkv.weight", "star.blocks.0.cross_attn.mat_kv.weight", "star.word_embed.weight",
-              "star.head_logits.weight", "text_encoder.encoder.layers.0.mlp.fc1.weight"):
+    for n in ("star.blocks.0.attn.mat_qkv.weight", "star.blocks.0.cross_attn.mat_kv.weight",
+              "star.word_embed.weight", "star.head_logits.weight",
+              "text_encoder.encoder.layers.0.mlp.fc1.weight"):
         assert n in decayed, n
     # the VQ-VAE stage: convolutions decayed (the Phi refiners too), the codebook and norms not
     decay, no_decay = train.make_optimizer(vae, 1e-3, 0.05).param_groups
@@ -649,8 +677,8 @@ def run_copy(reference, out, *names):
 def test_a_token_pool_made_by_another_configuration_is_never_used(reference, data, tmp_path, capsys):
     def star_stage(out, *extra):
         capsys.readouterr()
-        train_in_process(["--out", str(out), "--data", str(data), "--stage", "star", *TINY, "--star-steps", "1",
-                          "--warmup", "1", *map(str, extra)])
+        train_in_process(["--out", str(out), "--data", str(data), "--stage", "star", *TINY,
+                          "--star-steps", "1", "--warmup", "1", *map(str, extra)])
         return capsys.readouterr().out
     ref_pool = torch.load(reference / "tokens.pt", weights_only=True)
     # the pool of the same VQ-VAE, data, size and seed is used as it is
@@ -687,7 +715,8 @@ def test_a_token_pool_made_by_another_configuration_is_never_used(reference, dat
     assert torch.equal(torch.load(out / "tokens.pt", weights_only=True)["idx"], ref_pool["idx"])
 
 
-def test_a_bare_resume_continues_the_run_with_its_own_settings(reference, data, tmp_path, monkeypatch, capsys):
+def test_a_bare_resume_continues_the_run_with_its_own_settings(reference, data, tmp_path, monkeypatch,
+                                                               capsys):
     out = tmp_path / "run"
     lr_at = train.lr_at
 
@@ -716,9 +745,11 @@ def test_a_bare_resume_continues_the_run_with_its_own_settings(reference, data, 
     # flags that change the data or the architecture are refused, naming both values; nothing is written
     before = {name: (out / name).read_bytes() for name in CKPTS}
     for flags, fragment in [
-        (["--vae-ch", "64", "--vocab-size", "64"], "--vocab-size 64 (the run has 16); --vae-ch 64 (the run has 32)"),
+        (["--vae-ch", "64", "--vocab-size", "64"],
+         "--vocab-size 64 (the run has 16); --vae-ch 64 (the run has 32)"),
         (["--data", "shapes"], f"--data shapes (the run has {data})"),
-        (["--patch-nums", "1,2,4", "--resolution", "32"], "--resolution 32 (the run works on 16x16 images); --patch-nums 1,2,4 (the run has 1,2)"),
+        (["--patch-nums", "1,2,4", "--resolution", "32"],
+         "--resolution 32 (the run works on 16x16 images); --patch-nums 1,2,4 (the run has 1,2)"),
     ]:
         code, err = cli_in_process(["--out", out, "--resume", *flags], monkeypatch, capsys)
         assert_one_line_error(code, err, fragment)
@@ -726,7 +757,8 @@ def test_a_bare_resume_continues_the_run_with_its_own_settings(reference, data, 
     # the same values spelled out, and flags listed as changeable, are fine: two more head steps
     train_in_process(["--out", str(out), "--resume", "--data", str(data), "--head-steps", "6"])
     said = capsys.readouterr().out
-    assert "star: already trained to step 6" in said and f"head: trained to step 6; wrote {out / 'head.pt'}" in said
+    assert "star: already trained to step 6" in said
+    assert f"head: trained to step 6; wrote {out / 'head.pt'}" in said
     ck = torch.load(out / "head.pt", weights_only=True)
     assert ck["step"] == 6 and ck["args"]["head_steps"] == 6 and ck["args"]["depth"] == 1
     # the end of the run: resuming once more trains nothing and says so
@@ -766,7 +798,8 @@ def test_export_never_overwrites_a_checkpoint_nor_leaves_a_temporary_file(refere
         (tmp_path / "folder", "is a folder"),
         (tmp_path / "file" / "x.pt", "cannot write there"),
     ]:
-        assert_one_line_error(*cli_in_process(["--export", run / "head.pt", dst], monkeypatch, capsys), fragment)
+        code, err = cli_in_process(["--export", run / "head.pt", dst], monkeypatch, capsys)
+        assert_one_line_error(code, err, fragment)
     # a failure in the middle of writing (here a full disk) leaves no temporary file either
     save = torch.save
 
@@ -798,14 +831,15 @@ def test_help_describes_every_flag_with_its_default():
 
 
 def test_a_data_folder_previews_its_own_captions(reference, tmp_path, monkeypatch):
-    """metadata.jsonl saved with a byte-order mark (as Windows editors do) is read; previews show its captions."""
+    """metadata.jsonl saved with a byte-order mark (as Windows editors do) is read; previews show its
+    captions."""
     root = write_folder(tmp_path / "data", n=4)
     lines = [json.dumps({"file_name": f"img{i}.png", "text": f"my caption {i}"}) for i in range(4)]
     (root / "metadata.jsonl").write_bytes(codecs.BOM_UTF8 + "\n".join(lines).encode())
     out = run_copy(reference, tmp_path / "run", "vae.pt")
     shown, generate = [], train.generate
-    monkeypatch.setattr(train, "generate", lambda parts, caps, *a, **k: shown.append(caps) or generate(parts, caps,
-                                                                                                       *a, **k))
+    monkeypatch.setattr(train, "generate",
+                        lambda parts, caps, *a, **k: shown.append(caps) or generate(parts, caps, *a, **k))
     # without the VQ-VAE's size flags: the star stage takes them from vae.pt, and records them
     tiny = [a for i, a in enumerate(TINY) if not {a, TINY[i - 1]} & {"--vocab-size", "--vae-ch"}]
     train_in_process(["--out", str(out), "--data", str(root), "--stage", "star", *tiny, "--star-steps", "1",
