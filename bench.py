@@ -365,8 +365,7 @@ def bench_generation(model, args, device, dtype, sampling, stable):
     flops = generation_flops(model.config, model.vae.config, stable)
     scales = scale_breakdown(model, run, device)
     return dict(mode="generate", stable=stable, batch_size=B, sampling=sampling, latency_s=latency,
-                scales=scales,
-                scale_ops="kernel launches" if device.type == "cuda" else "operator calls",
+                scales=scales, scale_ops="kernel launches" if device.type == "cuda" else "operator calls",
                 s_per_image=latency / B, images_per_s=B / latency, times_s=times,
                 peak_memory_gib=peak_memory_gib(device), flops_per_image=sum(flops.values()),
                 flops_by_part=flops, achieved_tflops=sum(flops.values()) * B / latency / 1e12)
