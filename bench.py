@@ -11,8 +11,8 @@ guidance rows in one batch), timed after warm-up with the device synchronised. T
 (`generation_flops`, `train_flops`: 2 per multiply-add of every matmul, attention score and conv).
 
     python bench.py --preset demo --device cpu                       # the bundled model's size, on a CPU
-    python bench.py --preset star-1024-sampler                       # one GPU, bf16: with and without the head
-    python bench.py --preset star-1024-d30 --batch-size 4 --compile   # compiled decoding steps
+    python bench.py --preset star-1024-sampler                       # one GPU, bf16: with, without the head
+    python bench.py --preset star-1024-d30 --batch-size 4 --compile  # compiled decoding steps
     python bench.py --preset star-256-d16 --train --batch-size 32    # training steps, bf16 autocast
     python bench.py --ckpt checkpoints/shapes.pt --sample-prompt "a red circle" --json
 """

@@ -18,9 +18,10 @@ OUT/tokens.pt records what it was made from and is made again when that changes.
   python train.py --out runs/shapes                      # all stages, shapes world, CPU or one GPU
   torchrun --nproc_per_node=2 train.py --out runs/shapes # several processes (gloo on CPU, nccl on GPU)
   python train.py --out runs/shapes --resume             # pick up after an interruption
-  python train.py --export runs/shapes/head.pt checkpoints/shapes.pt   # half-precision bundle for sample.py
-  python train.py --data DIR --resolution 256 --patch-nums 1,2,3,4,5,6,8,10,13,16 --vae vae_ch160v4096z32.pth \
-      --text-encoder sd21/text_encoder --tokenizer sd21/tokenizer --depth 16 --width 1024   # released parts, frozen
+  python train.py --export runs/shapes/head.pt checkpoints/shapes.pt   # half-precision bundle
+  python train.py --data DIR --resolution 256 --patch-nums 1,2,3,4,5,6,8,10,13,16 \
+      --vae vae_ch160v4096z32.pth --text-encoder sd21/text_encoder --tokenizer sd21/tokenizer \
+      --depth 16 --width 1024                                    # the released parts, frozen
 """
 import argparse
 import dataclasses
