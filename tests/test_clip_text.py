@@ -320,6 +320,26 @@ def test_encoder_is_causal_and_ignores_padding():
     assert torch.equal(pooled, hidden[:, 10])
 
 
+def test_a_full_attention_encoder_lets_every_word_see_the_whole_caption():
+    # causal=False (train.py's default for encoders trained from scratch): the first object's words of
+    # "a red circle to the left of a blue square" can see the relation that comes after them
+    encoder = TextEncoder(TextConfig(vocab_size=100, width=32, layers=2, heads=4, causal=False)).eval()
+    ids = torch.randint(0, 98, (2, 77))
+    ids[:, 10], ids[:, 11:] = 99, 0
+    mask = (torch.arange(77) <= 10).long().expand(2, 77)
+    with torch.no_grad():
+        hidden, pooled = encoder(ids, mask)
+        changed = ids.clone()
+        changed[:, 5] = (changed[:, 5] + 1) % 98
+        hidden2, _ = encoder(changed, mask)
+        padded = ids.clone()
+        padded[:, 11:] = 7
+        hidden3, pooled3 = encoder(padded, mask)
+    assert not torch.allclose(hidden2[:, :5], hidden[:, :5])  # earlier positions see the later word
+    torch.testing.assert_close(hidden3[:, :11], hidden[:, :11])  # padding stays masked
+    torch.testing.assert_close(pooled3, pooled)
+
+
 def test_quick_gelu_is_a_different_activation():
     ids = torch.randint(0, 100, (1, 77))
     outs = []

@@ -633,6 +633,13 @@ def test_released_vae_replaces_the_vae_stage(tmp_path):
     assert VQVAEConfig(**ck["vae_config"]).downsample == 16
 
 
+def test_a_text_encoder_trained_from_scratch_sees_the_whole_caption(reference):
+    # the default: relations need the first object's words to see the relation word after them
+    ck = torch.load(Path(reference) / "star.pt", weights_only=True)
+    assert ck["text_config"]["causal"] is False
+    assert train.parse_args([]).text_attention == "full"
+
+
 def test_weight_decay_reaches_linear_and_conv_matrices_only():
     args = train.parse_args(["--out", "unused", "--depth", "1", "--width", "64", "--text-width", "64"])
     vae = VQVAE(train.default_vae_config(args))
