@@ -864,9 +864,9 @@ def build_parser():
     p.add_argument("--text-width", type=cli.int_range(64, 65536), default=128,
                    help="text encoder width (multiple of 64)")
     p.add_argument("--text-layers", type=cli.int_range(1, 1024), default=2, help="text encoder blocks")
-    p.add_argument("--text-attention", choices=("causal", "full"), default="full",
-                   help="text encoder trained from scratch: full (each word sees the whole caption, so the "
-                        "first object's words can know the relation after them) or causal like CLIP")
+    p.add_argument("--text-attention", choices=("causal", "full"), default="causal",
+                   help="text encoder trained from scratch: causal like CLIP, or full (each word sees the "
+                        "whole caption; measured no better on the shapes world, see the README)")
     p.add_argument("--text-context", type=cli.int_range(8, 65536), default=32,
                    help="text tokens incl. start/end (CLIP: 77); at least 8, room for 6 caption tokens")
     p.add_argument("--pool", type=positive_int, default=24000,
@@ -878,7 +878,7 @@ def build_parser():
                         "instead of the vae stage")
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
     p.add_argument("--vae-steps", type=positive_int, default=4000, help="training steps of the vae stage")
-    p.add_argument("--star-steps", type=positive_int, default=10000, help="training steps of the star stage")
+    p.add_argument("--star-steps", type=positive_int, default=8000, help="training steps of the star stage")
     p.add_argument("--head-steps", type=positive_int, default=1200, help="training steps of the head stage")
     rate = cli.bounded_float(0, 1, lo_open=True)     # AdamW moves every weight by about this much per step
     p.add_argument("--vae-lr", type=rate, default=1e-3, help="peak learning rate, vae stage")

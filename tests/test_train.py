@@ -633,11 +633,15 @@ def test_released_vae_replaces_the_vae_stage(tmp_path):
     assert VQVAEConfig(**ck["vae_config"]).downsample == 16
 
 
-def test_a_text_encoder_trained_from_scratch_sees_the_whole_caption(reference):
-    # the default: relations need the first object's words to see the relation word after them
-    ck = torch.load(Path(reference) / "star.pt", weights_only=True)
-    assert ck["text_config"]["causal"] is False
-    assert train.parse_args([]).text_attention == "full"
+def test_text_attention_reaches_the_text_encoder(reference, tmp_path):
+    # causal by default (the bundled model's recipe); --text-attention full builds a bidirectional encoder
+    star = torch.load(Path(reference) / "star.pt", weights_only=True)
+    assert star["text_config"]["causal"] is True
+    vae = torch.load(Path(reference) / "vae.pt", weights_only=True)
+    args = train.parse_args(["--out", str(tmp_path), "--data", star["args"]["data"], "--stage", "star",
+                             "--text-attention", "full", *TINY])
+    parts, _ = train.build_stage("star", args, vae, train.make_data(args, args.resolution))
+    assert parts["text"].config.causal is False
 
 
 def test_weight_decay_reaches_linear_and_conv_matrices_only():
