@@ -481,14 +481,15 @@ def to_uint8(img_B3HW):
     return img_B3HW.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def contact_sheet(images_NHW3, cols=None, gap=2):
+def contact_sheet(images_NHW3, cols=None, gap=2, fill=255):
     """uint8 images (N, H, W, 3) side by side in rows of `cols` (None: as near a square as N allows), `gap`
-    pixels apart, on white (also where the last row is short): uint8 (H', W', 3). The layout of every grid:
-    sample.py's --grid and scale strips, train.py's previews (gap 0), show / eval --grid here."""
+    pixels apart, on grey level `fill` (also where the last row is short): uint8 (H', W', 3). The layout
+    of every grid: sample.py's --grid and scale strips, train.py's previews (gap 0), show / eval --grid
+    here (on dark grey, so that white and black scenes keep their edges)."""
     N, H, W, _ = images_NHW3.shape
     cols = cols or math.ceil(math.sqrt(N))
     rows = math.ceil(N / cols)
-    sheet = np.full((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, 3), 255, np.uint8)
+    sheet = np.full((rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap, 3), fill, np.uint8)
     for i, img in enumerate(images_NHW3):
         r, c = divmod(i, cols)
         sheet[r * (H + gap): r * (H + gap) + H, c * (W + gap): c * (W + gap) + W] = img
@@ -498,7 +499,8 @@ def contact_sheet(images_NHW3, cols=None, gap=2):
 def save_grid(images, path, scale=4, cols=None):
     """Write uint8 (64, 64, 3) images as one PNG contact sheet, each upscaled `scale` times (nearest)."""
     big_NHW3 = np.stack(images).repeat(scale, axis=1).repeat(scale, axis=2)
-    Image.fromarray(contact_sheet(big_NHW3, cols)).save(path)
+    sheet = np.pad(contact_sheet(big_NHW3, cols, fill=90), ((2, 2), (2, 2), (0, 0)), constant_values=90)
+    Image.fromarray(sheet).save(path)
 
 
 # ---------------------------------------------------------------------------------------------------

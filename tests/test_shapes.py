@@ -263,7 +263,9 @@ def test_show_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     shapes.main(["show", "--n", "5", "--out", str(out), "--scale", "1"])
     from PIL import Image
-    assert Image.open(out).size == (3 * 66 - 2, 2 * 66 - 2)
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape == (2 * 66 + 2, 3 * 66 + 2, 3)      # 2 rows, 3 columns, 2 px gaps and border
+    assert (sheet[:2] == 90).all() and (sheet[:, 66:68] == 90).all()      # dark grey frame between scenes
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and all(parse_caption(line.split(None, 1)[1]) for line in lines)
 
