@@ -300,19 +300,22 @@ def test_trainer_is_deterministic_and_state_dict_round_trips(trained):
 # behaviour: the text encoder
 
 
-def test_encoder_is_causal_and_ignores_padding():
-    encoder = TextEncoder(TextConfig(vocab_size=100, width=32, layers=2, heads=4)).eval()
+def encode_changed_and_padded(causal):
+    """An 11-token caption encoded as it is, with token 5 changed, and with other padding after it:
+    (hidden, pooled), hidden with token 5 changed, (hidden, pooled) with other padding."""
+    encoder = TextEncoder(TextConfig(vocab_size=100, width=32, layers=2, heads=4, causal=causal)).eval()
     ids = torch.randint(0, 98, (2, 77))
     ids[:, 10], ids[:, 11:] = 99, 0
     mask = (torch.arange(77) <= 10).long().expand(2, 77)
+    changed, padded = ids.clone(), ids.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 98
+    padded[:, 11:] = 7
     with torch.no_grad():
-        hidden, pooled = encoder(ids, mask)
-        changed = ids.clone()
-        changed[:, 5] = (changed[:, 5] + 1) % 98
-        hidden2, _ = encoder(changed, mask)
-        padded = ids.clone()
-        padded[:, 11:] = 7
-        hidden3, pooled3 = encoder(padded, mask)
+        return encoder(ids, mask), encoder(changed, mask)[0], encoder(padded, mask)
+
+
+def test_encoder_is_causal_and_ignores_padding():
+    (hidden, pooled), hidden2, (hidden3, pooled3) = encode_changed_and_padded(causal=True)
     torch.testing.assert_close(hidden2[:, :5], hidden[:, :5])  # earlier positions never see later tokens
     assert not torch.allclose(hidden2[:, 5:], hidden[:, 5:])
     torch.testing.assert_close(hidden3[:, :11], hidden[:, :11])  # padded keys are masked
@@ -321,20 +324,9 @@ def test_encoder_is_causal_and_ignores_padding():
 
 
 def test_a_full_attention_encoder_lets_every_word_see_the_whole_caption():
-    # causal=False (train.py's default for encoders trained from scratch): the first object's words of
-    # "a red circle to the left of a blue square" can see the relation that comes after them
-    encoder = TextEncoder(TextConfig(vocab_size=100, width=32, layers=2, heads=4, causal=False)).eval()
-    ids = torch.randint(0, 98, (2, 77))
-    ids[:, 10], ids[:, 11:] = 99, 0
-    mask = (torch.arange(77) <= 10).long().expand(2, 77)
-    with torch.no_grad():
-        hidden, pooled = encoder(ids, mask)
-        changed = ids.clone()
-        changed[:, 5] = (changed[:, 5] + 1) % 98
-        hidden2, _ = encoder(changed, mask)
-        padded = ids.clone()
-        padded[:, 11:] = 7
-        hidden3, pooled3 = encoder(padded, mask)
+    # causal=False (train.py --text-attention full): the first object's words of "a red circle to the
+    # left of a blue square" can see the relation that comes after them
+    (hidden, pooled), hidden2, (hidden3, pooled3) = encode_changed_and_padded(causal=False)
     assert not torch.allclose(hidden2[:, :5], hidden[:, :5])  # earlier positions see the later word
     torch.testing.assert_close(hidden3[:, :11], hidden[:, :11])  # padding stays masked
     torch.testing.assert_close(pooled3, pooled)
