@@ -85,11 +85,11 @@ def _draws(rng):
     raise TypeError(f"rng: expected random.Random or np.random.Generator, got {type(rng).__name__}")
 
 
-def random_scene(rng, n_objects=None):
-    """A random Scene; n_objects 1 or 2 (None: either, with equal probability)."""
+def random_scene(rng, n_objects=None, two_object=0.5):
+    """A random Scene; n_objects 1 or 2 (None: two objects with probability `two_object`)."""
     randint, uniform = _draws(rng)
     pick = lambda seq: seq[randint(0, len(seq) - 1)]
-    n = n_objects if n_objects is not None else randint(1, 2)
+    n = n_objects if n_objects is not None else 1 + (uniform() < two_object)
     if n not in (1, 2):
         raise ValueError(f"n_objects={n_objects}: expected 1, 2 or None")
     background = pick(list(BACKGROUNDS))
@@ -157,15 +157,16 @@ def render(scene):
     return img
 
 
-def sample_batch(batch_size, seed_or_rng):
+def sample_batch(batch_size, seed_or_rng, two_object=0.5):
     """A training batch: images (B, 3, 64, 64) float32 in [-1, 1] and their B captions.
 
-    seed_or_rng is an int seed or a generator (random.Random / np.random.Generator), advanced in place.
+    seed_or_rng is an int seed or a generator (random.Random / np.random.Generator), advanced in place;
+    each scene has two objects with probability two_object.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive number of images")
     rng = np.random.default_rng(seed_or_rng) if isinstance(seed_or_rng, (int, np.integer)) else seed_or_rng
-    scenes = [random_scene(rng) for _ in range(batch_size)]
+    scenes = [random_scene(rng, two_object=two_object) for _ in range(batch_size)]
     imgs_BHWC = torch.from_numpy(np.stack([render(s) for s in scenes]))     # (B, 64, 64, 3) uint8
     x_BCHW = imgs_BHWC.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)      # (B, 3, 64, 64) in [-1, 1]
     return x_BCHW, [caption(s) for s in scenes]

@@ -172,13 +172,16 @@ class ShapesData:
     Every batch is drawn fresh, so there is no fixed training set to overfit, and shapes.judge can score
     what STAR draws for captions held out of training (evaluate).
     """
-    identity = "shapes"
+
+    def __init__(self, two_object=0.5):
+        self.two_object = two_object
+        self.identity = f"shapes, two-object {two_object}"
 
     def preview_captions(self, n=8):
         return PREVIEW[:n]
 
     def batch(self, batch_size, rng):
-        return shapes.sample_batch(batch_size, rng)         # (B, 3, 64, 64) in [-1, 1], B captions
+        return shapes.sample_batch(batch_size, rng, self.two_object)   # (B, 3, 64, 64) in [-1, 1], B captions
 
     def captions(self, seed, n=5000):
         """Captions to learn the BPE vocabulary from (their own stream, disjoint from training batches)."""
@@ -256,7 +259,7 @@ def token_pool(data, vae, n, seed, path, dev, rank, world, quiet=False):
 
 
 def make_data(args, resolution):
-    return ShapesData() if args.data == "shapes" else ImageFolder(args.data, resolution)
+    return ShapesData(args.two_object) if args.data == "shapes" else ImageFolder(args.data, resolution)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -837,6 +840,8 @@ def build_parser():
     p.add_argument("--data", default="shapes",
                    help="'shapes' (synthetic world) or a folder of captioned images")
     may_change = ", ".join("--" + d.replace("_", "-") for d in RESUME_MAY_CHANGE)
+    p.add_argument("--two-object", type=cli.bounded_float(0, 1), default=0.5,
+                   help="shapes data: the fraction of training scenes with two objects")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings it was started with (its "
                         f"checkpoints record them); only {may_change} may be given with other values, "
