@@ -827,10 +827,10 @@ RESUME_MAY_CHANGE = ("stage", "vae_steps", "star_steps", "head_steps", "vae_lr",
 NOT_SETTINGS = ("out", "resume", "export")
 PATH_SETTINGS = ("data", "vae", "text_encoder", "tokenizer")
 STEPS_FLAG = {"vae": "vae_steps", "star": "star_steps", "head": "head_steps"}
-# the sizes a later stage takes over from the checkpoint of the stage before it
+# the sizes (and the head stage: the data mix) a later stage takes over from the stage before it
 VAE_SETTINGS = ("resolution", "patch_nums", "vocab_size", "vae_ch", "vae_res_blocks")
 STAR_SETTINGS = VAE_SETTINGS + ("depth", "width", "head_from", "text_vocab", "text_width", "text_layers",
-                                "text_context", "text_attention", "text_encoder", "tokenizer")
+                                "text_context", "text_attention", "text_encoder", "tokenizer", "two_object")
 
 
 def build_parser():
