@@ -93,6 +93,15 @@ def test_caption_grammar_and_frequencies():
     assert {b: unnamed_bgs.count(b) > 200 for b in BACKGROUNDS} == dict.fromkeys(BACKGROUNDS, True)
 
 
+def test_two_object_fraction_sets_the_mix():
+    rng = np.random.default_rng(1)
+    counts = [sum(len(random_scene(rng, two_object=f).objects) == 2 for _ in range(2000)) / 2000
+              for f in (0.0, 0.75, 1.0)]
+    assert counts[0] == 0.0 and abs(counts[1] - 0.75) < 0.03 and counts[2] == 1.0
+    _, caps = sample_batch(64, 2, two_object=1.0)
+    assert all("colour2" in parse_caption(c) for c in caps)
+
+
 def test_heldout_captions_alternate_one_and_two_objects():
     caps = heldout_captions(30, seed=3)
     assert [("colour2" in parse_caption(c)) for c in caps] == [bool(i % 2) for i in range(30)]

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 import sample
+import shapes
 import train
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from conftest import Payload, ROOT
@@ -642,6 +643,21 @@ def test_text_attention_reaches_the_text_encoder(reference, tmp_path):
                              "--text-attention", "full", *TINY])
     parts, _ = train.build_stage("star", args, vae, train.make_data(args, args.resolution))
     assert parts["text"].config.causal is False
+
+
+def test_two_object_sets_the_data_mix_and_the_head_stage_keeps_it(reference, tmp_path):
+    # the mix is part of the data's identity (a token pool made with another mix is tokenized again),
+    # and --stage head draws from the star stage's pool, so it takes the star stage's value
+    args = train.parse_args(["--out", str(tmp_path), "--two-object", "0.75"])
+    data = train.make_data(args, args.resolution)
+    assert data.two_object == 0.75 and data.identity != train.ShapesData().identity
+    _, caps = data.batch(200, np.random.default_rng(0))
+    assert sum("colour2" in shapes.parse_caption(c) for c in caps) > 120
+    star = torch.load(Path(reference) / "star.pt", weights_only=True)
+    star["args"]["two_object"] = 0.75
+    torch.save(star, tmp_path / "star.pt")
+    head = train.parse_args(["--out", str(tmp_path), "--stage", "head", "--data", star["args"]["data"]])
+    assert head.two_object == 0.75
 
 
 def test_weight_decay_reaches_linear_and_conv_matrices_only():
