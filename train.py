@@ -840,8 +840,9 @@ def build_parser():
     p.add_argument("--data", default="shapes",
                    help="'shapes' (synthetic world) or a folder of captioned images")
     may_change = ", ".join("--" + d.replace("_", "-") for d in RESUME_MAY_CHANGE)
-    p.add_argument("--two-object", type=cli.bounded_float(0, 1), default=0.5,
-                   help="shapes data: the fraction of training scenes with two objects")
+    p.add_argument("--two-object", type=cli.bounded_float(0, 1), default=0.75,
+                   help="shapes data: the fraction of training scenes with two objects (the harder half "
+                        "of the prompts gets more of the training)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings it was started with (its "
                         f"checkpoints record them); only {may_change} may be given with other values, "
@@ -868,10 +869,10 @@ def build_parser():
                    help="BPE vocabulary learned from the captions")
     p.add_argument("--text-width", type=cli.int_range(64, 65536), default=128,
                    help="text encoder width (multiple of 64)")
-    p.add_argument("--text-layers", type=cli.int_range(1, 1024), default=2, help="text encoder blocks")
-    p.add_argument("--text-attention", choices=("causal", "full"), default="causal",
+    p.add_argument("--text-layers", type=cli.int_range(1, 1024), default=4, help="text encoder blocks")
+    p.add_argument("--text-attention", choices=("causal", "full"), default="full",
                    help="text encoder trained from scratch: causal like CLIP, or full (each word sees the "
-                        "whole caption; measured no better on the shapes world, see the README)")
+                        "whole caption, so the first object's words know the relation that follows)")
     p.add_argument("--text-context", type=cli.int_range(8, 65536), default=32,
                    help="text tokens incl. start/end (CLIP: 77); at least 8, room for 6 caption tokens")
     p.add_argument("--pool", type=positive_int, default=24000,

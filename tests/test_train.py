@@ -635,14 +635,14 @@ def test_released_vae_replaces_the_vae_stage(tmp_path):
 
 
 def test_text_attention_reaches_the_text_encoder(reference, tmp_path):
-    # causal by default (the bundled model's recipe); --text-attention full builds a bidirectional encoder
+    # full attention by default (the bundled model's recipe); --text-attention causal builds CLIP's kind
     star = torch.load(Path(reference) / "star.pt", weights_only=True)
-    assert star["text_config"]["causal"] is True
+    assert star["text_config"]["causal"] is False
     vae = torch.load(Path(reference) / "vae.pt", weights_only=True)
     args = train.parse_args(["--out", str(tmp_path), "--data", star["args"]["data"], "--stage", "star",
-                             "--text-attention", "full", *TINY])
+                             "--text-attention", "causal", *TINY])
     parts, _ = train.build_stage("star", args, vae, train.make_data(args, args.resolution))
-    assert parts["text"].config.causal is False
+    assert parts["text"].config.causal is True
 
 
 def test_two_object_sets_the_data_mix_and_the_head_stage_keeps_it(reference, tmp_path):
