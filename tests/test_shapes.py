@@ -374,12 +374,12 @@ def test_bad_inputs_as_a_user_runs_them(tmp_path):
 
 def test_bundled_model_follows_prompts(one_thread):
     # The committed model on 60 held-out captions (seed 3, not used to pick its sampling settings):
-    # measured 95% / 33% on 900 captions (all tokens of a scale at once, as here); the bounds sit ~3
-    # standard deviations below that, so this fails when the bundle, its export or sampling breaks, not
-    # by chance.
+    # measured 93% / 81% on 900 captions (all tokens of a scale at once, as here); the bounds sit ~3
+    # standard deviations of 30 captions below that, so this fails when the bundle, its export or
+    # sampling breaks, not by chance.
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes.pt"
     table = shapes.evaluate(str(ckpt), n=60, seed=3, batch_size=30, stable=False)
-    assert table["one-object"]["ok"] >= 0.8 and table["two-object"]["ok"] >= 0.1
+    assert table["one-object"]["ok"] >= 0.78 and table["two-object"]["ok"] >= 0.58
     assert table["one-object"]["colour"] >= 0.9 and table["one-object"]["shape"] >= 0.85
     assert table["white/black bg"]["background"] >= 0.9
 
