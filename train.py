@@ -839,10 +839,9 @@ def build_parser():
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
     p.add_argument("--data", default="shapes",
                    help="'shapes' (synthetic world) or a folder of captioned images")
-    may_change = ", ".join("--" + d.replace("_", "-") for d in RESUME_MAY_CHANGE)
     p.add_argument("--two-object", type=cli.bounded_float(0, 1), default=0.75,
-                   help="shapes data: the fraction of training scenes with two objects (the harder half "
-                        "of the prompts gets more of the training)")
+                   help="shapes data: the fraction of training scenes with two objects")
+    may_change = ", ".join("--" + d.replace("_", "-") for d in RESUME_MAY_CHANGE)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings it was started with (its "
                         f"checkpoints record them); only {may_change} may be given with other values, "
@@ -875,8 +874,7 @@ def build_parser():
                         "whole caption, so the first object's words know the relation that follows)")
     p.add_argument("--text-context", type=cli.int_range(8, 65536), default=32,
                    help="text tokens incl. start/end (CLIP: 77); at least 8, room for 6 caption tokens")
-    p.add_argument("--pool", type=positive_int, default=24000,
-                   help="training samples tokenized once for STAR/head")
+    p.add_argument("--pool", type=positive_int, default=24000, help="samples tokenized once for STAR/head")
     p.add_argument("--text-encoder", default=None, help="released CLIP text encoder folder (frozen)")
     p.add_argument("--tokenizer", default=None, help="BPE file or tokenizer folder for --text-encoder")
     p.add_argument("--vae", default=None,
@@ -905,8 +903,7 @@ def build_parser():
     p.add_argument("--ckpt-every", type=positive_int, default=250,
                    help="checkpoint every N steps (and at the end)")
     p.add_argument("--sample-every", type=cli.non_negative_int, default=1000,
-                   help="write a preview grid every N steps (0: never); "
-                        "--data DIR previews its first 8 captions")
+                   help="write a preview grid every N steps (0: never; --data DIR: its first 8 captions)")
     p.add_argument("--eval-every", type=cli.non_negative_int, default=0,
                    help="judge --eval-n held-out shapes captions every N steps and log the accuracy "
                         "(0: never; needs --data shapes)")
