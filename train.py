@@ -170,7 +170,8 @@ class ShapesData:
     """The synthetic world of shapes.py: one or two coloured shapes, captioned, drawn on the fly at 64x64.
 
     Every batch is drawn fresh, so there is no fixed training set to overfit, and shapes.judge can score
-    what STAR draws for captions held out of training (evaluate).
+    what STAR draws for captions held out of training (evaluate). two_object (--two-object) is the share of
+    scenes with two objects; it is part of the data's identity, so a token pool of another mix is not reused.
     """
 
     def __init__(self, two_object=0.5):
